@@ -1,0 +1,5 @@
+import sys
+
+from kdrl.cli import main
+
+sys.exit(main())

@@ -1,0 +1,187 @@
+"""The ``kdrl`` command: train, eval, prepare-demo, plot.
+
+User mistakes (bad recipe keys, malformed data, incompatible tokenizers) end with one line on
+stderr and exit status 2; no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+from kdrl.checkpoint import CheckpointError
+from kdrl.config import ConfigError, load_config
+from kdrl.data import DataError
+from kdrl.models import ModelError
+
+USER_ERRORS = (ConfigError, DataError, ModelError, CheckpointError)
+REPO_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def resolve_recipe(name: Optional[str]) -> Optional[Path]:
+    """A path to a YAML file, or a bare preset name found in ./recipes or the installed repo's recipes/."""
+    if name is None:
+        return None
+    path = Path(name)
+    if path.is_file():
+        return path
+    for folder in (Path("recipes"), REPO_RECIPES):
+        candidate = folder / f"{name.removesuffix('.yaml')}.yaml"
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"recipe '{name}' not found (give a YAML path or a preset name in recipes/)")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from kdrl.trainer import train
+
+    recipe, overrides = args.recipe, list(args.overrides)
+    if recipe is not None and "=" in recipe:  # `kdrl train key=value` with no recipe
+        overrides.insert(0, recipe)
+        recipe = None
+    if args.resume:
+        from kdrl.config import load_config as load
+
+        saved = Path(args.resume) / "config.yaml"
+        if not saved.is_file():
+            raise CheckpointError(f"{args.resume}: not a run directory (no config.yaml)")
+        config = load(saved, overrides)
+    else:
+        config = load_config(resolve_recipe(recipe), overrides)
+    train(config, resume=args.resume)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from kdrl.data import load_problems
+    from kdrl.evaluate import evaluate_problems, markdown_table
+    from kdrl.config import ModelConfig
+    from kdrl.models import load_model, load_tokenizer, pick_device
+    from kdrl.rewards import combine_rewards
+    from kdrl.rollout import make_engine
+    from kdrl.trainer import make_encoder, parse_reward_specs
+    from kdrl.config import Config
+
+    torch.manual_seed(args.seed)
+    device = pick_device(args.device)
+    config = Config()
+    config.data.chat_template = args.chat_template
+    reward_fn = combine_rewards(parse_reward_specs(args.reward), args.timeout)
+    sets = {Path(spec.split(":")[-1]).stem: load_problems(spec, limit=args.limit) for spec in args.data}
+    results: dict[str, dict] = {}
+    for spec in args.model:
+        label, _, path = spec.rpartition("=") if "=" in spec else (spec, "", spec)
+        tokenizer = load_tokenizer(path)
+        model = load_model(path, ModelConfig(dtype=args.dtype), device, trainable=False)
+        encode = make_encoder(tokenizer, config, 10 ** 9)
+        engine = make_engine("hf", model=model, tokenizer=tokenizer, encode=encode,
+                             generation_batch_size=args.batch_size)
+        results[label] = {}
+        for name, problems in sets.items():
+            torch.manual_seed(args.seed)  # same samples for every model: deterministic for a seed
+            results[label][name] = evaluate_problems(engine, problems, reward_fn, samples=args.samples,
+                                                     temperature=args.temperature, top_p=args.top_p,
+                                                     max_new_tokens=args.max_new_tokens,
+                                                     batch_size=args.batch_size)
+    table = markdown_table(results)
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2))
+        out.with_suffix(".md").write_text(table + "\n")
+    return 0
+
+
+def cmd_prepare_demo(args: argparse.Namespace) -> int:
+    from kdrl.demo import prepare_demo
+
+    prepare_demo(args.out, seed=args.seed, scale=args.scale)
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from kdrl.logger import plot_run
+
+    print(plot_run(args.run_dir, args.out))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kdrl", description="Post-train reasoning models with RL, KD, or both.")
+    commands = parser.add_subparsers(dest="command")
+
+    train = commands.add_parser("train", help="train with a recipe (no recipe: KDRL on the bundled demo)")
+    train.add_argument("recipe", nargs="?", help="recipe YAML or preset name (recipes/NAME.yaml)")
+    train.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=50")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest complete checkpoint")
+    train.set_defaults(func=cmd_train)
+
+    evaluate = commands.add_parser("eval", help="evaluate checkpoints on problem sets")
+    evaluate.add_argument("--model", action="append", required=True,
+                          help="checkpoint directory, bundled:student, or LABEL=PATH (repeatable)")
+    evaluate.add_argument("--data", action="append", default=None,
+                          help="JSONL/Parquet file or bundled:SPLIT (repeatable; default: bundled test sets)")
+    evaluate.add_argument("--samples", type=int, default=1, help="k samples per problem (avg@k, pass@k, maj@k)")
+    evaluate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    evaluate.add_argument("--top-p", type=float, default=1.0)
+    evaluate.add_argument("--max-new-tokens", type=int, default=64)
+    evaluate.add_argument("--limit", type=int, default=None, help="first N problems of each set")
+    evaluate.add_argument("--reward", action="append", default=None, help="reward functions (default: math)")
+    evaluate.add_argument("--timeout", type=float, default=5.0)
+    evaluate.add_argument("--chat-template", action="store_true")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--dtype", default="auto")
+    evaluate.add_argument("--batch-size", type=int, default=256)
+    evaluate.add_argument("--out", help="write JSON here (and a .md table beside it)")
+    evaluate.set_defaults(func=cmd_eval)
+
+    demo = commands.add_parser("prepare-demo", help="rebuild the bundled task data and tiny teacher/student")
+    demo.add_argument("--out", default=str(Path(__file__).parent / "assets" / "demo"))
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--scale", choices=["full", "toy"], default="full")
+    demo.set_defaults(func=cmd_prepare_demo)
+
+    plot = commands.add_parser("plot", help="plot a run's curves to PNG")
+    plot.add_argument("run_dir")
+    plot.add_argument("--out")
+    plot.set_defaults(func=cmd_plot)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        argv = ["train"]
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if args.command == "eval":
+        args.data = args.data or ["bundled:test_id", "bundled:test_ood"]
+        args.reward = args.reward or ["math"]
+    try:
+        return args.func(args)
+    except USER_ERRORS as error:
+        print(f"kdrl: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kdrl: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # the run stopped on purpose (e.g. non-finite losses): one line, no traceback
+        from kdrl.trainer import TrainingStopped
+
+        if isinstance(error, TrainingStopped):
+            print(f"kdrl: stopped: {error}", file=sys.stderr)
+            return 3
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

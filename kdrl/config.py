@@ -1,0 +1,382 @@
+"""Typed configuration: every default lives here, once.
+
+A recipe is a YAML file whose keys mirror these dataclasses; ``key=value`` overrides
+use dotted paths (``objective.beta.initial=0.01``). An unknown key or a bad value is a
+``ConfigError`` that names the key and suggests the closest valid one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+BUNDLED = "bundled"  # prefix naming the shipped demo assets, e.g. "bundled:student"
+
+
+class ConfigError(ValueError):
+    """A user mistake in a recipe or an override; the message names the key."""
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class ModelConfig:
+    student: str = "bundled:student"
+    teacher: Optional[str] = "bundled:teacher"
+    reference: Optional[str] = None  # frozen reference policy for objective.ref_kl; "student" = the initial student
+    trust_remote_code: bool = False  # never run a checkpoint's own code unless asked
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    gradient_checkpointing: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class DataConfig:
+    train: str = "bundled:train"  # JSONL / Parquet file, a directory saved by datasets, or bundled:SPLIT
+    eval: list[str] = field(default_factory=lambda: ["bundled:test_id", "bundled:test_ood"])
+    prompt_field: str = "prompt"
+    answer_field: str = "answer"
+    solution_field: str = "solution"
+    chat_template: bool = False  # apply the tokenizer's chat template (needs one)
+    system_prompt: Optional[str] = None
+    prompt_template: str = "{prompt}"  # applied to the prompt text before the chat template
+    max_prompt_tokens: int = 512
+    shuffle: bool = True
+
+
+@dataclass
+class RolloutConfig:
+    engine: Literal["hf"] = "hf"
+    policy: Literal["student", "teacher"] = "student"  # who samples: teacher for SFT on teacher traces
+    prompts_per_step: int = 16
+    group_size: int = 8  # G responses per prompt
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    generation_batch_size: int = 256  # rows generated at once (memory bound)
+
+
+@dataclass
+class RewardConfig:
+    # list of "name" or "name*weight": registry names (math, exact, format) or module:function
+    functions: list[str] = field(default_factory=lambda: ["math"])
+    timeout_s: float = 5.0
+    correct_threshold: float = 1.0  # a response counts as correct when its reward >= this
+
+
+@dataclass
+class BetaConfig:
+    """KD coefficient schedule (METHODS.md §5): constant, linear decay to a floor, cosine."""
+
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    initial: float = 2e-3
+    final: float = 1e-3  # floor of linear, end of cosine
+    decay_per_step: float = 5e-5  # linear: beta_t = max(initial - decay_per_step * t, final)
+    cosine_steps: Optional[int] = None  # cosine period; default: train.steps
+
+
+@dataclass
+class ObjectiveConfig:
+    """One objective; a method is a setting of these fields (METHODS.md §1-4, §6)."""
+
+    advantage: Literal["grpo", "drgrpo", "rloo", "none"] = "grpo"
+    pg_coef: float = 1.0  # weight of the clipped policy-gradient term
+    clip_eps_low: float = 0.2
+    clip_eps_high: float = 0.2
+    loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "token_mean"
+    # knowledge distillation toward the teacher
+    kd_placement: Literal["loss", "advantage", "none"] = "loss"
+    kd_estimator: Literal["k1", "k2", "k3", "rkl", "fkl", "jsd", "topk"] = "k2"  # rkl/fkl/jsd: exact over the vocabulary
+    kd_topk: int = 32  # topk: teacher's k most likely tokens plus one tail bucket
+    kd_gamma: float = 0.0  # advantage placement: discount of the future KD sum (0 = per token)
+    jsd_beta: float = 0.5  # generalised JSD interpolation (see objective.divergences)
+    kd_mask: Literal["none", "incorrect", "group_all_wrong"] = "none"
+    beta: BetaConfig = field(default_factory=BetaConfig)
+    offpolicy_ratio_cap: float = 2.0  # c in sg(min(rho, c)) on the k2 gradient (assumption)
+    # likelihood on the sampled rows (SFT on teacher traces; "correct" = rejection sampling)
+    nll_coef: float = 0.0
+    nll_rows: Literal["all", "correct"] = "all"
+    # frozen reference-policy KL (default off: the teacher KL replaces it in KDRL)
+    ref_kl_coef: float = 0.0
+    ref_kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    entropy_coef: float = 0.0
+    chunk_size: int = 1024  # positions per chunk for vocabulary-wide terms
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    learning_rate: float = 1e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    max_grad_norm: float = 1.0
+    micro_batch_size: int = 64  # rows per forward/backward; gradients accumulate over the batch
+    updates_per_batch: int = 1  # optimizer steps per rollout batch (>1 makes later ones off-policy)
+    seed: int = 0
+    device: str = "auto"  # auto: cuda if available, else cpu
+    max_nonfinite_skips: int = 5  # stop after this many consecutive non-finite steps
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # steps between evaluations during training (0: only before and after)
+    before: bool = True  # evaluate the initial student too
+    num_problems: int = 200
+    samples: int = 1  # k for avg@k
+    temperature: float = 0.0  # 0 = greedy
+    max_new_tokens: Optional[int] = None  # default: rollout.max_new_tokens
+    batch_size: int = 256
+
+
+@dataclass
+class LogConfig:
+    run_dir: Optional[str] = None  # default: runs/<name>-<timestamp>
+    tensorboard: bool = False
+    wandb: bool = False
+    wandb_project: str = "kdrl"
+    progress: bool = True
+    sample_every: int = 10  # write sample completions every N steps (0: never)
+    plot: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # steps between checkpoints (0: only the final one)
+    keep_last: int = 2
+    save_final: bool = True
+
+
+@dataclass
+class Config:
+    name: str = "kdrl"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+# --------------------------------------------------------------------------- loading
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _closest(name: str, options: list[str]) -> str:
+    match = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else f" (valid: {', '.join(sorted(options))})"
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check ``value`` against the type hint ``hint``; parse strings from the command line."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, args))}"
+                              + (_closest(str(value), [str(a) for a in args]) if isinstance(value, str) else ""))
+        return value
+    if origin is list:
+        if isinstance(value, str):
+            parsed = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+            value = parsed
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(float(value)) if float(value).is_integer() else int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {', '.join(f.name for f in dataclasses.fields(hint))}")
+        return _build(hint, value, key + ".")
+    return value
+
+
+def _build(cls: type, values: dict, prefix: str = "", base: Any = None) -> Any:
+    """Instantiate dataclass ``cls`` from a (possibly partial) mapping over ``base``."""
+    obj = base if base is not None else cls()
+    hints = _hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for name, value in values.items():
+        if name not in names:
+            raise ConfigError(f"unknown key '{prefix}{name}'{_closest(name, names)}")
+        hint = hints[name]
+        current = getattr(obj, name)
+        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+            setattr(obj, name, _build(hint, value, f"{prefix}{name}.", base=current))
+        else:
+            setattr(obj, name, _coerce(value, hint, f"{prefix}{name}"))
+    return obj
+
+
+def apply_override(config: Config, override: str) -> None:
+    """Apply one ``dotted.key=value`` override in place."""
+    if "=" not in override:
+        raise ConfigError(f"override '{override}' must look like key=value (e.g. train.steps=10)")
+    key, raw = override.split("=", 1)
+    parts = key.strip().split(".")
+    obj, cls, prefix = config, Config, ""
+    for part in parts[:-1]:
+        names = [f.name for f in dataclasses.fields(cls)]
+        if part not in names:
+            raise ConfigError(f"unknown key '{prefix}{part}'{_closest(part, names)}")
+        obj, cls, prefix = getattr(obj, part), _hints(cls)[part], prefix + part + "."
+        if not dataclasses.is_dataclass(cls):
+            raise ConfigError(f"'{prefix.rstrip('.')}' is not a section")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    if isinstance(value, (dict, list)) is False and isinstance(value, str) is False and value is not None:
+        pass
+    if value is None and raw.strip().lower() not in ("null", "none", "~"):
+        value = raw
+    _build(cls, {parts[-1]: value}, prefix, base=obj)
+
+
+def validate(config: Config) -> Config:
+    """Range checks that types cannot express; each error names its key."""
+    checks = [
+        (config.rollout.group_size >= 1, "rollout.group_size", "must be at least 1"),
+        (config.rollout.group_size >= 2 or config.objective.advantage == "none" or config.objective.pg_coef == 0,
+         "rollout.group_size", f"must be at least 2 for the group advantage '{config.objective.advantage}'"),
+        (config.rollout.prompts_per_step >= 1, "rollout.prompts_per_step", "must be at least 1"),
+        (0.0 < config.rollout.top_p <= 1.0, "rollout.top_p", "must lie in (0, 1]"),
+        (config.rollout.temperature > 0.0, "rollout.temperature", "must be positive"),
+        (config.rollout.max_new_tokens >= 1, "rollout.max_new_tokens", "must be at least 1"),
+        (config.objective.beta.initial >= 0.0, "objective.beta.initial", "must not be negative"),
+        (config.objective.beta.final >= 0.0, "objective.beta.final", "must not be negative"),
+        (config.objective.beta.decay_per_step >= 0.0, "objective.beta.decay_per_step", "must not be negative"),
+        (config.objective.clip_eps_low >= 0.0 and config.objective.clip_eps_low < 1.0, "objective.clip_eps_low",
+         "must lie in [0, 1)"),
+        (config.objective.clip_eps_high >= 0.0, "objective.clip_eps_high", "must not be negative"),
+        (not (config.objective.kd_placement == "loss" and config.objective.kd_estimator == "k1"),
+         "objective.kd_estimator",
+         "k1 in the loss has a zero-mean gradient (E[grad log pi] = 0), so it teaches nothing; "
+         "use k2 (reverse KL) or k3 in the loss, or k1 with objective.kd_placement=advantage"),
+        (not (config.objective.kd_placement == "advantage" and config.objective.kd_estimator not in ("k1",)),
+         "objective.kd_estimator", "the advantage placement uses the sampled log-ratio k1 (METHODS.md §3)"),
+        (0.0 <= config.objective.kd_gamma <= 1.0, "objective.kd_gamma", "must lie in [0, 1]"),
+        (0.0 <= config.objective.jsd_beta <= 1.0, "objective.jsd_beta", "must lie in [0, 1]"),
+        (config.objective.offpolicy_ratio_cap > 0, "objective.offpolicy_ratio_cap", "must be positive"),
+        (config.objective.kd_topk >= 1, "objective.kd_topk", "must be at least 1"),
+        (config.objective.chunk_size >= 1, "objective.chunk_size", "must be at least 1"),
+        (config.objective.ref_kl_coef == 0 or config.model.reference is not None, "model.reference",
+         "must be set when objective.ref_kl_coef > 0 (a path, or 'student' for the initial student)"),
+        (config.objective.kd_placement == "none" or config.model.teacher is not None, "model.teacher",
+         "must be set when objective.kd_placement is not none"),
+        (config.rollout.policy != "teacher" or config.model.teacher is not None, "model.teacher",
+         "must be set when rollout.policy=teacher"),
+        (config.train.steps >= 0, "train.steps", "must not be negative"),
+        (config.train.learning_rate >= 0, "train.learning_rate", "must not be negative"),
+        (config.train.micro_batch_size >= 1, "train.micro_batch_size", "must be at least 1"),
+        (config.train.updates_per_batch >= 1, "train.updates_per_batch", "must be at least 1"),
+        (config.train.max_grad_norm > 0, "train.max_grad_norm", "must be positive"),
+        (config.train.max_nonfinite_skips >= 1, "train.max_nonfinite_skips", "must be at least 1"),
+        (config.eval.samples >= 1, "eval.samples", "must be at least 1"),
+        (config.eval.num_problems >= 1, "eval.num_problems", "must be at least 1"),
+        (config.eval.temperature >= 0, "eval.temperature", "must not be negative"),
+        (config.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be at least 1"),
+        (len(config.reward.functions) >= 1, "reward.functions", "must name at least one reward"),
+        (config.reward.timeout_s > 0, "reward.timeout_s", "must be positive"),
+        (config.data.max_prompt_tokens >= 1, "data.max_prompt_tokens", "must be at least 1"),
+    ]
+    for ok, key, message in checks:
+        if not ok:
+            raise ConfigError(f"{key}: {message}")
+    return config
+
+
+def load_config(recipe: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- recipe YAML <- overrides, validated. ``recipe=None`` is the default KDRL run."""
+    config = Config()
+    if recipe is not None:
+        path = Path(recipe)
+        if not path.is_file():
+            raise ConfigError(f"recipe '{recipe}' not found")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{recipe}{where}: not valid YAML ({getattr(error, 'problem', error)})") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{recipe}: a recipe must be a mapping of sections")
+        values.setdefault("name", path.stem)
+        try:
+            config = _build(Config, values)
+        except ConfigError as error:
+            raise ConfigError(f"{recipe}: {error}") from None
+    for override in overrides or []:
+        apply_override(config, override)
+    return validate(config)
+
+
+def to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))

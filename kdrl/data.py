@@ -1,0 +1,187 @@
+"""Problems from local files: JSONL, Parquet, a directory saved by `datasets`, or the bundled task.
+
+Every row becomes a ``Problem``. A malformed row is a ``DataError`` naming the file and line.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+from kdrl.types import Problem
+
+
+class DataError(ValueError):
+    """A user's data file is wrong; the message names the file and line."""
+
+
+BUNDLED_PREFIX = "bundled:"
+
+
+def bundled_data_dir() -> Path:
+    return Path(__file__).parent / "assets" / "demo" / "data"
+
+
+def resolve_data_path(spec: str) -> Path:
+    """``bundled:SPLIT`` -> the shipped JSONL of that split; anything else is a local path."""
+    if spec.startswith(BUNDLED_PREFIX):
+        split = spec[len(BUNDLED_PREFIX):]
+        path = bundled_data_dir() / f"{split}.jsonl"
+        if not path.is_file():
+            names = sorted(p.stem for p in bundled_data_dir().glob("*.jsonl"))
+            raise DataError(f"{spec}: no bundled split '{split}' (bundled splits: {', '.join(names) or 'none'})")
+        return path
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise DataError(f"{spec}: no such file or directory")
+    return path
+
+
+def _row_to_problem(row: Any, where: str, index: int, fields: dict[str, str]) -> Problem:
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected an object with '{fields['prompt']}' and '{fields['answer']}', "
+                        f"got {type(row).__name__}")
+    missing = [fields[k] for k in ("prompt", "answer") if row.get(fields[k]) is None]
+    if missing:
+        raise DataError(f"{where}: missing field {', '.join(repr(m) for m in missing)}")
+    prompt, answer = row[fields["prompt"]], row[fields["answer"]]
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise DataError(f"{where}: field '{fields['prompt']}' must be a non-empty string")
+    if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
+        raise DataError(f"{where}: field '{fields['answer']}' must be a string or a number")
+    solution = row.get(fields["solution"])
+    if solution is not None and not isinstance(solution, str):
+        raise DataError(f"{where}: field '{fields['solution']}' must be a string")
+    known = {fields["prompt"], fields["answer"], fields["solution"], "id", "metadata"}
+    metadata = dict(row.get("metadata") or {})
+    metadata.update({k: v for k, v in row.items() if k not in known})
+    return Problem(id=str(row.get("id", index)), prompt=prompt, answer=str(answer), solution=solution,
+                   metadata=metadata)
+
+
+def _read_jsonl(path: Path) -> Iterable[tuple[str, int, Any]]:
+    with path.open("r", encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield f"{path}:{line_number}", line_number, json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path}:{line_number}: not valid JSON ({error.msg})") from None
+
+
+def _read_json(path: Path) -> Iterable[tuple[str, int, Any]]:
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from None
+    if not isinstance(rows, list):
+        raise DataError(f"{path}: expected a JSON list of problems")
+    for index, row in enumerate(rows):
+        yield f"{path}: item {index}", index, row
+
+
+def _read_parquet(path: Path) -> Iterable[tuple[str, int, Any]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as error:  # pyarrow raises several types for a corrupt file
+        raise DataError(f"{path}: not a readable Parquet file ({error})") from None
+    for index, row in enumerate(table.to_pylist()):
+        yield f"{path}: row {index}", index, row
+
+
+def _read_hf_dataset_dir(path: Path, split: Optional[str]) -> Iterable[tuple[str, int, Any]]:
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{path}: reading a saved datasets directory needs `pip install datasets`") from None
+    dataset = datasets.load_from_disk(str(path))
+    if isinstance(dataset, datasets.DatasetDict):
+        split = split or ("train" if "train" in dataset else next(iter(dataset)))
+        dataset = dataset[split]
+    for index, row in enumerate(dataset):
+        yield f"{path}: row {index}", index, row
+
+
+def load_problems(spec: str, prompt_field: str = "prompt", answer_field: str = "answer",
+                  solution_field: str = "solution", limit: Optional[int] = None,
+                  require_solution: bool = False) -> list[Problem]:
+    """Load problems from ``spec`` (a path or ``bundled:SPLIT``)."""
+    path = resolve_data_path(spec)
+    fields = {"prompt": prompt_field, "answer": answer_field, "solution": solution_field}
+    suffix = path.suffix.lower()
+    if path.is_dir():
+        rows = _read_hf_dataset_dir(path, None)
+    elif suffix in (".jsonl", ".ndjson"):
+        rows = _read_jsonl(path)
+    elif suffix == ".json":
+        rows = _read_json(path)
+    elif suffix in (".parquet", ".pq"):
+        rows = _read_parquet(path)
+    else:
+        raise DataError(f"{spec}: unsupported data format '{suffix}' (use .jsonl, .json, .parquet, "
+                        "or a directory saved by datasets)")
+    problems: list[Problem] = []
+    for where, index, row in rows:
+        problem = _row_to_problem(row, where, index, fields)
+        if require_solution and not problem.solution:
+            raise DataError(f"{where}: field '{solution_field}' is required by this recipe")
+        problems.append(problem)
+        if limit is not None and len(problems) >= limit:
+            break
+    if not problems:
+        raise DataError(f"{spec}: no problems found (the file is empty)")
+    return problems
+
+
+def format_prompt(problem: Problem, tokenizer: Any, chat_template: bool, prompt_template: str = "{prompt}",
+                  system_prompt: Optional[str] = None, extra: str = "") -> str:
+    """The exact text the model is conditioned on for ``problem``.
+
+    ``extra`` is appended to the user turn (a hint, a privileged solution).
+    """
+    text = prompt_template.format(prompt=problem.prompt) + extra
+    if not chat_template:
+        return text
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError("data.chat_template=true but the tokenizer has no chat template "
+                        "(set data.chat_template=false or use a chat model's tokenizer)")
+    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + \
+        [{"role": "user", "content": text}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+class PromptSampler:
+    """Deterministic epoch-wise shuffled order of problem indices, resumable from a position."""
+
+    def __init__(self, num_problems: int, seed: int, shuffle: bool = True):
+        self.num_problems = num_problems
+        self.seed = seed
+        self.shuffle = shuffle
+        self.position = 0  # number of indices handed out so far
+
+    def _order(self, epoch: int) -> list[int]:
+        import torch
+
+        if not self.shuffle:
+            return list(range(self.num_problems))
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.num_problems, generator=generator).tolist()
+
+    def next(self, count: int) -> list[int]:
+        indices = []
+        while len(indices) < count:
+            epoch, offset = divmod(self.position, self.num_problems)
+            order = self._order(epoch)
+            take = min(count - len(indices), self.num_problems - offset)
+            indices.extend(order[offset:offset + take])
+            self.position += take
+        return indices
+
+    def state_dict(self) -> dict:
+        return {"position": self.position, "seed": self.seed, "num_problems": self.num_problems}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = int(state["position"])

@@ -1,0 +1,97 @@
+"""Held-out evaluation: greedy accuracy, avg@k, unbiased pass@k, maj@k, response length, per set."""
+from __future__ import annotations
+
+import math
+import statistics
+from collections import Counter
+from typing import Any, Callable, Optional
+
+import torch
+
+from kdrl.rewards import extract_last_boxed
+from kdrl.rollout import SamplingParams
+from kdrl.types import Problem
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct: 1 - C(n-c, k) / C(n, k) (Chen et al. 2021)."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n (n={n}, c={c}, k={k})")
+    if n - c < k:
+        return 1.0
+    # the product form avoids huge binomials
+    return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
+
+
+def majority_answer(answers: list[Optional[str]]) -> Optional[str]:
+    """Most frequent extracted answer; ties go to the answer seen first (deterministic)."""
+    counts = Counter(a for a in answers if a is not None)
+    if not counts:
+        return None
+    best = max(counts.values())
+    return next(a for a in answers if a is not None and counts[a] == best)
+
+
+@torch.no_grad()
+def evaluate_problems(engine: Any, problems: list[Problem], reward_fn: Callable[[Problem, str], float],
+                      samples: int = 1, temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: int = 64,
+                      correct_threshold: float = 1.0, batch_size: int = 256) -> dict[str, float]:
+    """One problem set: k samples per problem (k = 1 and temperature 0 is greedy accuracy)."""
+    sampling = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
+    per_problem_correct: list[list[bool]] = []
+    majority_correct: list[bool] = []
+    lengths: list[float] = []
+    truncated = 0
+    prompts_per_call = max(1, batch_size // samples)
+    for start in range(0, len(problems), prompts_per_call):
+        chunk = problems[start:start + prompts_per_call]
+        rollouts = engine.generate(chunk, samples, sampling)
+        lengths.extend(rollouts.response_mask.sum(-1).tolist())
+        truncated += int(rollouts.truncated.sum())
+        for index, problem in enumerate(chunk):
+            texts = rollouts.response_texts[index * samples:(index + 1) * samples]
+            correct = [reward_fn(problem, text) >= correct_threshold for text in texts]
+            per_problem_correct.append(correct)
+            answers = [extract_last_boxed(text) for text in texts]
+            majority = majority_answer(answers)
+            # the majority answer is graded by the same verifier as a single response
+            majority_correct.append(majority is not None and
+                                    reward_fn(problem, f"\\boxed{{{majority}}}") >= correct_threshold)
+    n = samples
+    results = {
+        "accuracy": statistics.fmean(statistics.fmean(c) for c in per_problem_correct),  # avg@k
+        f"pass@{n}": statistics.fmean(pass_at_k(n, sum(c), n) for c in per_problem_correct),
+        "response_length": statistics.fmean(lengths),
+        "response_length_median": statistics.median(lengths),
+        "truncated_fraction": truncated / max(1, len(lengths)),
+        "num_problems": len(problems),
+        "samples": n,
+    }
+    if n > 1:
+        results[f"maj@{n}"] = statistics.fmean(majority_correct)
+        for k in sorted({1, 2, 4, 8, 16, n}):
+            if k < n:
+                results[f"pass@{k}"] = statistics.fmean(pass_at_k(n, sum(c), k) for c in per_problem_correct)
+    return results
+
+
+def markdown_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
+    """results[model][set] -> metrics; one row per (model, set)."""
+    keys: list[str] = []
+    for sets in results.values():
+        for metrics in sets.values():
+            keys += [k for k in metrics if k not in keys and k not in ("num_problems", "samples")]
+    lines = ["| model | set | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+    for model, sets in results.items():
+        for name, metrics in sets.items():
+            cells = [_fmt(metrics.get(k)) for k in keys]
+            lines.append(f"| {model} | {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
+    return str(value)

@@ -1,0 +1,256 @@
+"""The one unified objective (METHODS.md §1-4): every method is a setting of it.
+
+    L = Σ_t w_t · [ pg_coef·L_pg + β·m_i·k(Δ_t) + ref_kl_coef·k_ref + nll_coef·n_i·(−s_t) − entropy_coef·H_t ]
+
+where w_t are the loss-aggregation weights (``loss_agg``), normalised over the FULL batch
+by ``prepare`` so that micro-batch losses add up to the batch loss. The KD term sits either
+in the loss (KDRL: k2, k3, rkl, fkl, jsd, topk) or in the advantage (OPD: Â = A − β·m·sg(Δ)).
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Callable, Optional
+
+import torch
+
+from kdrl.config import ObjectiveConfig
+from kdrl.objective.advantages import ADVANTAGES
+from kdrl.objective.divergences import SAMPLED_KL, VOCAB_DIVERGENCES, check_loss_estimator, upcast, vocab_terms_chunked
+from kdrl.objective.schedules import BETA_SCHEDULES, beta_at
+from kdrl.objective.weights import KD_MASKS, LOSS_AGGREGATIONS, identity
+from kdrl.types import StudentOutput, TrainBatch
+
+Tensor = torch.Tensor
+
+
+# --------------------------------------------------------------------------- per-token terms
+
+def policy_gradient_loss(ratio: Tensor, advantages: Tensor, eps_low: float, eps_high: float) -> Tensor:
+    """L_pg = −min(ρ·Â, clip(ρ, 1−ε_low, 1+ε_high)·Â)  (PPO clip, METHODS.md §4; DAPO's ε_high)."""
+    return -torch.minimum(ratio * advantages, ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * advantages)
+
+
+def clipped(ratio: Tensor, advantages: Tensor, eps_low: float, eps_high: float) -> Tensor:
+    """Tokens whose clipped branch is the active minimum with zero gradient."""
+    return ((advantages > 0) & (ratio > 1.0 + eps_high)) | ((advantages < 0) & (ratio < 1.0 - eps_low))
+
+
+def importance_ratio(s: Tensor, s_old: Tensor) -> Tensor:
+    """ρ = exp(s − s_old); the log-ratio is clamped to ±20 before exp only as a guard against
+    overflow (as verl does): far outside the clip range, where it never matters."""
+    return torch.exp((s - s_old).clamp(-20.0, 20.0))
+
+
+def offpolicy_weight(ratio: Tensor, off_policy: Tensor, cap: float) -> Tensor:
+    """sg(min(ρ, c)) on tokens not sampled from the current π_θ, 1 elsewhere (METHODS.md §4,
+    last paragraph; c = 2 is an assumption): keeps the k2 gradient's expectation near ∇KL."""
+    return torch.where(off_policy, ratio.detach().clamp(max=cap), torch.ones_like(ratio))
+
+
+def discounted_future_sum(values: Tensor, mask: Tensor, gamma: float) -> Tensor:
+    """D̃_t = Σ_{t'≥t} γ^{t'−t} D_t' within the response mask (γ = 0: D_t itself; METHODS.md §3)."""
+    values = values * mask
+    if gamma == 0.0:
+        return values
+    if gamma == 1.0:
+        return values.flip(-1).cumsum(-1).flip(-1) * mask
+    out, running = torch.zeros_like(values), torch.zeros_like(values[:, 0])
+    for t in range(values.shape[1] - 1, -1, -1):
+        running = values[:, t] + gamma * running
+        out[:, t] = running
+    return out * mask
+
+
+def kd_advantage(sampler_logprobs: Tensor, teacher_logprobs: Tensor, mask: Tensor, gamma: float) -> Tensor:
+    """D_{i,t} = sg(s_old − τ): the sampled reverse-KL k1 with the SAMPLER's log-probs (OPD, METHODS.md §3)."""
+    return discounted_future_sum((upcast(sampler_logprobs) - upcast(teacher_logprobs)).detach(), mask, gamma)
+
+
+# --------------------------------------------------------------------------- the objective
+
+class Objective:
+    """``prepare`` once per rollout batch, then ``loss`` per micro-batch (a ``batch.rows`` slice).
+
+    - ``max_response_len``: the generation budget, the constant normaliser of Dr. GRPO's
+      ``seq_mean_token_sum_norm``.
+    - ``correct_threshold``: a reward at or above it counts as correct (KD masks, nll_rows).
+    - ``all_reduce_sum``: sums a normaliser over data-parallel ranks (identity on one process),
+      so each rank's loss is its share of ONE global mean; with DDP/FSDP averaging gradients
+      over ranks, multiply the loss by the world size (or reduce gradients by sum).
+    - ``temperature``: the sampling temperature; both models' logits are divided by it so
+      the student's log-probs match the sampler's (the teacher's sampled log-probs should be
+      scored at the same temperature).
+    """
+
+    def __init__(self, cfg: ObjectiveConfig, total_steps: int, max_response_len: int,
+                 correct_threshold: float = 1.0, all_reduce_sum: Optional[Callable[[Tensor], Tensor]] = None,
+                 temperature: float = 1.0):
+        for value, registry, key in [(cfg.advantage, ADVANTAGES, "advantage"), (cfg.kd_mask, KD_MASKS, "kd_mask"),
+                                     (cfg.loss_agg, LOSS_AGGREGATIONS, "loss_agg"),
+                                     (cfg.beta.schedule, BETA_SCHEDULES, "beta.schedule")]:
+            if value not in registry:
+                raise ValueError(f"objective.{key}: unknown {value!r} (valid: {', '.join(registry)})")
+        if cfg.kd_placement == "loss" and cfg.kd_estimator in SAMPLED_KL:
+            check_loss_estimator(cfg.kd_estimator, "objective.kd_estimator")
+        if cfg.kd_placement == "advantage" and cfg.kd_estimator != "k1":
+            raise ValueError("objective.kd_estimator: the advantage placement uses the sampled log-ratio k1 "
+                             "(METHODS.md §3)")
+        if cfg.ref_kl_coef != 0:
+            check_loss_estimator(cfg.ref_kl_estimator, "objective.ref_kl_estimator")
+        if cfg.kd_placement == "loss" and cfg.kd_estimator == "jsd" and cfg.jsd_beta in (0.0, 1.0):
+            raise ValueError(f"objective.jsd_beta: JSD({cfg.jsd_beta:g}) is identically 0; use "
+                             f"kd_estimator={'fkl' if cfg.jsd_beta == 0 else 'rkl'} for that limit")
+        self.cfg = cfg
+        self.total_steps = total_steps
+        self.max_response_len = max_response_len
+        self.correct_threshold = correct_threshold
+        self.all_reduce_sum = all_reduce_sum or identity
+        self.temperature = temperature
+        self.needs_teacher = cfg.kd_placement != "none"
+        self.kd_in_loss = cfg.kd_placement == "loss"
+        self.needs_teacher_hidden = self.kd_in_loss and cfg.kd_estimator in VOCAB_DIVERGENCES
+        self.needs_reference = cfg.ref_kl_coef != 0
+        # with no outcome advantage and no KD in the advantage, Â ≡ 0: the PG term is skipped
+        self.uses_pg = cfg.pg_coef != 0 and (cfg.advantage != "none" or cfg.kd_placement == "advantage")
+        self._divergence_kwargs = {"jsd": {"beta": cfg.jsd_beta}, "topk": {"k": cfg.kd_topk}}.get(cfg.kd_estimator, {})
+
+    # ----------------------------------------------------------------------- once per batch
+
+    def prepare(self, batch: TrainBatch, step: int) -> TrainBatch:
+        """Advantages, masks, token weights and β for one rollout batch (a new TrainBatch)."""
+        cfg, mask = self.cfg, upcast(batch.response_mask)
+        rewards = upcast(batch.rewards)
+        beta = beta_at(cfg.beta, step, self.total_steps)
+        outcome = ADVANTAGES[cfg.advantage](rewards, batch.group_size)  # A_i, §1
+        kd_mask = KD_MASKS[cfg.kd_mask](rewards, batch.group_size, self.correct_threshold)  # m_i, §5
+        advantages = outcome[:, None] * mask
+        if cfg.kd_placement == "advantage":  # Â = A − β·m·sg(D), §3 (OPD)
+            if batch.teacher_logprobs is None:
+                raise ValueError("kd_placement=advantage needs batch.teacher_logprobs")
+            kd = kd_advantage(batch.sampler_logprobs, batch.teacher_logprobs, mask, cfg.kd_gamma)
+            advantages = advantages - beta * kd_mask[:, None] * kd
+        correct = (rewards >= self.correct_threshold).to(rewards.dtype)
+        nll_mask = torch.ones_like(rewards) if cfg.nll_rows == "all" else correct  # "correct": rejection sampling
+        token_weights = LOSS_AGGREGATIONS[cfg.loss_agg](mask, self.max_response_len, self.all_reduce_sum)
+        return replace(batch, advantages=advantages, kd_mask=kd_mask, nll_mask=nll_mask,
+                       token_weights=token_weights, beta=beta)
+
+    def prepare_metrics(self, batch: TrainBatch) -> dict[str, float]:
+        """Batch-level numbers of a prepared batch (this process's rows)."""
+        valid = batch.response_mask > 0
+        advantages = batch.advantages[valid]
+        groups = batch.rewards.float().reshape(-1, batch.group_size)
+        return {
+            "beta": float(batch.beta),
+            "kd_mask_fraction": batch.kd_mask.float().mean().item(),
+            "nll_fraction": batch.nll_mask.float().mean().item(),
+            "advantage_mean": advantages.mean().item() if advantages.numel() else 0.0,
+            "advantage_std": advantages.std(correction=0).item() if advantages.numel() else 0.0,
+            "reward_mean": batch.rewards.float().mean().item(),
+            "uniform_group_fraction": (groups.amax(1) == groups.amin(1)).float().mean().item(),
+        }
+
+    # ----------------------------------------------------------------------- once per micro-batch
+
+    def loss(self, batch: TrainBatch, student: StudentOutput, off_policy: bool = False
+             ) -> tuple[Tensor, dict[str, Tensor]]:
+        """This micro-batch's share of the batch loss, and its share of each metric.
+
+        ``off_policy``: the rollouts were not sampled by the current weights (a later optimizer
+        step on the same batch); rows with ``batch.on_policy == 0`` are treated so regardless.
+        """
+        cfg = self.cfg
+        if batch.token_weights is None:
+            raise ValueError("call Objective.prepare on the batch before Objective.loss")
+        valid = batch.response_mask > 0  # work on the N response tokens only, flattened
+
+        def per_token(rows: Tensor) -> Tensor:  # [B] -> [N]
+            return rows[:, None].expand_as(valid)[valid]
+
+        w = upcast(batch.token_weights[valid])
+        s_old = upcast(batch.sampler_logprobs[valid])
+        s, entropy, divergence = vocab_terms_chunked(
+            student.hidden_states[valid], student.output_weight, student.output_bias, batch.response_ids[valid],
+            *self._teacher_hidden(batch, valid), divergence=cfg.kd_estimator if self.needs_teacher_hidden else None,
+            chunk_size=cfg.chunk_size, temperature=self.temperature, entropy_grad=cfg.entropy_coef != 0,
+            **self._divergence_kwargs)
+        ratio = importance_ratio(s, s_old)
+        is_weight = offpolicy_weight(ratio, per_token(self._off_policy_rows(batch, off_policy)),
+                                     cfg.offpolicy_ratio_cap)
+        advantages = upcast(batch.advantages[valid])
+        teacher = None if batch.teacher_logprobs is None else upcast(batch.teacher_logprobs[valid])
+
+        # per-token terms [N]
+        pg = policy_gradient_loss(ratio, advantages, cfg.clip_eps_low, cfg.clip_eps_high)  # §4
+        kd_value = self._kd_value(s, teacher, divergence)  # k(Δ_t), §2
+        kd = batch.beta * per_token(upcast(batch.kd_mask)) * self._sampled_correction(is_weight) * kd_value  # §3
+        ref_kl = self._ref_kl(s, batch, valid)  # §4, optional
+        nll = per_token(upcast(batch.nll_mask)) * -s  # SFT / rejection sampling
+
+        total = 0.0 * s  # attached to the graph even if every coefficient is 0
+        if self.uses_pg:
+            total = total + cfg.pg_coef * pg
+        if self.kd_in_loss:
+            total = total + kd
+        else:
+            kd = torch.zeros_like(s)  # KD absent, or carried by the advantage
+        if cfg.ref_kl_coef != 0:
+            total = total + cfg.ref_kl_coef * is_weight * ref_kl
+        if cfg.nll_coef != 0:
+            total = total + cfg.nll_coef * nll
+        if cfg.entropy_coef != 0:
+            total = total - cfg.entropy_coef * entropy
+        loss = (total * w).sum()
+
+        def share(values: Tensor) -> Tensor:  # this micro-batch's part of a full-batch weighted mean
+            return (upcast(values.detach()) * w).sum()
+
+        metrics = {
+            "loss": loss.detach(), "pg_loss": share(pg), "kd_loss": share(kd), "kd_value": share(kd_value),
+            "nll": share(nll), "entropy": share(entropy),
+            "clip_fraction": share(clipped(ratio, advantages, cfg.clip_eps_low, cfg.clip_eps_high).float()),
+            "ratio_mean": share(ratio), "logprob_gap": share((s - s_old).abs()),
+        }
+        if teacher is not None:
+            metrics["kl_sampled"] = share(s - teacher)  # k1: unbiased sampled estimate of KL(π_θ‖π_T)
+        if batch.reference_logprobs is not None:
+            metrics["ref_kl"] = share(ref_kl)
+        return loss, metrics
+
+    # ----------------------------------------------------------------------- helpers
+
+    def _teacher_hidden(self, batch: TrainBatch, valid: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        if not self.needs_teacher_hidden:
+            return None, None
+        if batch.teacher_hidden is None or batch.teacher_output_weight is None:
+            raise ValueError(f"kd_estimator={self.cfg.kd_estimator} needs batch.teacher_hidden and "
+                             "batch.teacher_output_weight (full-vocabulary term)")
+        return batch.teacher_hidden[valid], batch.teacher_output_weight
+
+    @staticmethod
+    def _off_policy_rows(batch: TrainBatch, off_policy: bool) -> Tensor:
+        """[B] bool: rows not sampled by the current π_θ (a later update, or teacher / dataset rows)."""
+        rows = torch.full_like(batch.rewards, off_policy, dtype=torch.bool)
+        return rows if batch.on_policy is None else rows | (batch.on_policy == 0)
+
+    def _kd_value(self, s: Tensor, teacher: Optional[Tensor], divergence: Optional[Tensor]) -> Tensor:
+        """k(Δ_t) per token: the sampled estimator, or the full-vocabulary divergence (§2)."""
+        if divergence is not None:
+            return divergence
+        if not self.needs_teacher:
+            return torch.zeros_like(s)
+        if teacher is None:
+            raise ValueError(f"kd_estimator={self.cfg.kd_estimator} needs batch.teacher_logprobs")
+        return SAMPLED_KL[self.cfg.kd_estimator](s, teacher)
+
+    def _sampled_correction(self, is_weight: Tensor) -> Tensor | float:
+        """The off-policy weight applies to the sampled estimators (k2, k3; also the reference KL),
+        not to full-vocabulary divergences, which do not depend on which token was sampled."""
+        return is_weight if self.cfg.kd_estimator in SAMPLED_KL else 1.0
+
+    def _ref_kl(self, s: Tensor, batch: TrainBatch, valid: Tensor) -> Tensor:
+        if batch.reference_logprobs is None:
+            if self.needs_reference:
+                raise ValueError("ref_kl_coef > 0 needs batch.reference_logprobs")
+            return torch.zeros_like(s)
+        return SAMPLED_KL[self.cfg.ref_kl_estimator](s, upcast(batch.reference_logprobs[valid]))

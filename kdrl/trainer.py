@@ -1,0 +1,437 @@
+"""The training loop: sample, reward, teach, prepare, update. Nothing else lives here.
+
+One step, top to bottom (DESIGN.md, "Data flow of one training step"):
+
+    problems  = next prompts from the data order
+    rollouts  = engine.generate(problems, G, sampling)          # student (or teacher for SFT)
+    rewards   = verifier(problem, response) per row
+    teacher   = teacher.score(rollouts)                         # log-probs (+ hidden states for full-vocab KD)
+    batch     = objective.prepare(batch, step)                  # advantages, KD masks, beta(step), weights
+    update    = micro-batched forward/backward of objective.loss; clip; AdamW step
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from kdrl import checkpoint as ckpt
+from kdrl.config import Config, save_config
+from kdrl.data import DataError, PromptSampler, format_prompt, load_problems
+from kdrl.evaluate import evaluate_problems
+from kdrl.logger import MetricsLogger, plot_run
+from kdrl.models import (ModelError, check_tokenizers_compatible, context_length, load_model, load_tokenizer,
+                         logit_scale, output_projection, pick_device, response_hidden_states)
+from kdrl.objective import Objective
+from kdrl.rewards import combine_rewards
+from kdrl.rollout import SamplingParams, make_engine
+from kdrl.teachers import LocalTeacher
+from kdrl.types import Problem, Rollouts, StudentOutput, TrainBatch
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (e.g. repeated non-finite losses); the last good checkpoint is kept."""
+
+
+# ----------------------------------------------------------------------------- setup
+
+@dataclass
+class Run:
+    config: Config
+    run_dir: Path
+    device: torch.device
+    tokenizer: Any
+    student: torch.nn.Module
+    teacher: Optional[torch.nn.Module]
+    reference: Optional[torch.nn.Module]
+    train_problems: list[Problem]
+    eval_sets: dict[str, list[Problem]]
+    reward_fn: Any
+    objective: Objective
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    prompt_order: PromptSampler
+    logger: MetricsLogger
+    step: int = 0
+    nonfinite_streak: int = 0
+    student_engine: Any = None  # generates with the student (evaluation, on-policy rollouts)
+    sampling_engine: Any = None  # generates the training rollouts (the teacher for SFT on teacher traces)
+    teacher_scorer: Optional[LocalTeacher] = None
+    reference_scorer: Optional[LocalTeacher] = None
+
+
+def parse_reward_specs(specs: list[str]) -> list[tuple[str, float]]:
+    """``"math"`` or ``"format*0.1"`` -> (name, weight)."""
+    parsed = []
+    for spec in specs:
+        name, _, weight = spec.partition("*")
+        try:
+            parsed.append((name.strip(), float(weight) if weight else 1.0))
+        except ValueError:
+            raise DataError(f"reward.functions: bad weight in '{spec}' (use name*weight, e.g. format*0.1)") from None
+    return parsed
+
+
+def make_encoder(tokenizer: Any, config: Config, max_tokens: int):
+    cache: dict[tuple[str, str], list[int]] = {}
+
+    def encode(problem: Problem, suffix: str = "") -> list[int]:
+        key = (problem.prompt, suffix)
+        if key not in cache:
+            text = format_prompt(problem, tokenizer, config.data.chat_template, config.data.prompt_template,
+                                 config.data.system_prompt, extra=suffix)
+            ids = tokenizer(text, add_special_tokens=not config.data.chat_template)["input_ids"]
+            if len(ids) > max_tokens:
+                raise DataError(f"problem '{problem.id}': prompt has {len(ids)} tokens, more than the "
+                                f"{max_tokens} allowed (data.max_prompt_tokens, and the model's context "
+                                f"minus rollout.max_new_tokens)")
+            cache[key] = ids
+        return cache[key]
+
+    return encode
+
+
+def default_run_dir(config: Config) -> Path:
+    return Path("runs") / f"{config.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def lr_lambda(config: Config):
+    train = config.train
+
+    def factor(step: int) -> float:
+        if train.warmup_steps and step < train.warmup_steps:
+            return (step + 1) / train.warmup_steps
+        progress = (step - train.warmup_steps) / max(1, train.steps - train.warmup_steps)
+        if train.lr_schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        if train.lr_schedule == "linear":
+            return max(0.0, 1 - progress)
+        return 1.0
+
+    return factor
+
+
+def setup(config: Config, resume: Optional[str | Path] = None) -> Run:
+    seed_everything(config.train.seed)
+    device = pick_device(config.train.device)
+    resume_from = None
+    if resume is not None:
+        run_dir = Path(resume)
+        resume_from = ckpt.latest_checkpoint(run_dir)
+        if resume_from is None:
+            raise ckpt.CheckpointError(f"{run_dir}: no complete checkpoint to resume from")
+    else:
+        run_dir = Path(config.log.run_dir) if config.log.run_dir else default_run_dir(config)
+
+    # Everything a user can get wrong is checked before the run directory is written.
+    tokenizer = load_tokenizer(config.model.student, config.model.trust_remote_code)
+    train_problems = load_problems(config.data.train, config.data.prompt_field, config.data.answer_field,
+                                   config.data.solution_field)
+    eval_sets = {Path(spec.split(":")[-1]).stem: load_problems(spec, config.data.prompt_field,
+                                                              config.data.answer_field, config.data.solution_field,
+                                                              limit=config.eval.num_problems)
+                 for spec in config.data.eval}
+    reward_fn = combine_rewards(parse_reward_specs(config.reward.functions), config.reward.timeout_s)
+
+    student = load_model(str(resume_from) if resume_from else config.model.student, config.model, device,
+                         trainable=True)
+    teacher = None
+    if config.model.teacher is not None and (config.objective.kd_placement != "none"
+                                             or config.rollout.policy == "teacher"):
+        teacher = load_model(config.model.teacher, config.model, device, trainable=False)
+        check_tokenizers_compatible(tokenizer, load_tokenizer(config.model.teacher, config.model.trust_remote_code),
+                                    "teacher", student, teacher)
+    reference = None
+    if config.objective.ref_kl_coef > 0:
+        if config.model.reference == "student":
+            reference = load_model(config.model.student, config.model, device, trainable=False)
+        else:
+            reference = load_model(config.model.reference, config.model, device, trainable=False)
+            check_tokenizers_compatible(tokenizer, load_tokenizer(config.model.reference), "reference")
+
+    context = context_length(student)
+    max_prompt = config.data.max_prompt_tokens
+    if context is not None:
+        max_prompt = min(max_prompt, context - config.rollout.max_new_tokens)
+        if max_prompt < 1:
+            raise ModelError(f"rollout.max_new_tokens={config.rollout.max_new_tokens} leaves no room for a prompt "
+                             f"in the student's context of {context} tokens")
+    encode = make_encoder(tokenizer, config, max_prompt)
+    for problem in train_problems + [p for problems in eval_sets.values() for p in problems]:
+        encode(problem)  # fail now, naming the problem, rather than mid-run
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, run_dir / "config.yaml")
+    objective = Objective(config.objective, total_steps=config.train.steps,
+                          max_response_len=config.rollout.max_new_tokens,
+                          correct_threshold=config.reward.correct_threshold,
+                          temperature=config.rollout.temperature)
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.train.learning_rate, weight_decay=config.train.weight_decay,
+                                  betas=(config.train.adam_beta1, config.train.adam_beta2))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
+    prompt_order = PromptSampler(len(train_problems), config.train.seed, config.data.shuffle)
+
+    step, streak = 0, 0
+    if resume_from is not None:
+        state = ckpt.load_trainer_state(resume_from)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        prompt_order.load_state_dict(state["prompt_order"])
+        step, streak = int(state["step"]), int(state.get("nonfinite_streak", 0))
+        ckpt.set_rng_state(state["rng"])
+        truncate_metrics(run_dir, step)
+    logger = MetricsLogger(run_dir, config.log, config.train.steps, initial_step=step)
+    run = Run(config, run_dir, device, tokenizer, student, teacher, reference, train_problems, eval_sets, reward_fn,
+              objective, optimizer, scheduler, prompt_order, logger, step=step, nonfinite_streak=streak)
+    run.student_engine = make_engine(config.rollout.engine, model=student, tokenizer=tokenizer, encode=encode,
+                                     generation_batch_size=config.rollout.generation_batch_size)
+    run.sampling_engine = run.student_engine if config.rollout.policy == "student" else make_engine(
+        config.rollout.engine, model=teacher, tokenizer=tokenizer, encode=encode,
+        generation_batch_size=config.rollout.generation_batch_size)
+    run.teacher_scorer = LocalTeacher(teacher, config.train.micro_batch_size, config.objective.chunk_size,
+                                      config.rollout.temperature) \
+        if teacher is not None else None
+    run.reference_scorer = LocalTeacher(reference, config.train.micro_batch_size, config.objective.chunk_size,
+                                        config.rollout.temperature) \
+        if reference is not None else None
+    return run
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """On resume, drop records written after the checkpoint so the log reads as one run."""
+    path = run_dir / "metrics.jsonl"
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+# ----------------------------------------------------------------------------- one step
+
+@contextmanager
+def timed(timings: dict[str, float], name: str):
+    start = time.perf_counter()
+    yield
+    timings[f"time_{name}"] = timings.get(f"time_{name}", 0.0) + time.perf_counter() - start
+
+
+def score_rewards(run: Run, rollouts: Rollouts) -> torch.Tensor:
+    problems = [rollouts.problems[row // rollouts.group_size] for row in range(rollouts.num_rows)]
+    return torch.tensor([float(run.reward_fn(p, text)) for p, text in zip(problems, rollouts.response_texts)])
+
+
+def make_batch(run: Run, rollouts: Rollouts, rewards: torch.Tensor, teacher_out, reference_out) -> TrainBatch:
+    return TrainBatch(
+        input_ids=rollouts.input_ids(), attention_mask=rollouts.attention_mask(),
+        prompt_width=rollouts.prompt_ids.shape[1], response_ids=rollouts.response_ids,
+        response_mask=rollouts.response_mask, sampler_logprobs=rollouts.sampler_logprobs, rewards=rewards,
+        group_size=rollouts.group_size,
+        teacher_logprobs=teacher_out.token_logprobs if teacher_out is not None else None,
+        teacher_hidden=teacher_out.hidden_states if teacher_out is not None else None,
+        teacher_output_weight=teacher_out.output_weight if teacher_out is not None else None,
+        reference_logprobs=reference_out.token_logprobs if reference_out is not None else None,
+        on_policy=torch.full((rollouts.num_rows,), 1.0 if run.config.rollout.policy == "student" else 0.0))
+
+
+def student_forward(run: Run, batch: TrainBatch) -> StudentOutput:
+    """Hidden states at response positions; the logits are formed chunk by chunk in the loss.
+
+    The objective divides by the sampling temperature, so the trained policy is the one that
+    sampled (as TRL and verl do).
+    """
+    device = run.device
+    hidden = response_hidden_states(run.student, batch.input_ids.to(device), batch.attention_mask.to(device),
+                                    batch.prompt_width)
+    weight, bias = output_projection(run.student)
+    factor = logit_scale(run.student)
+    return StudentOutput(hidden_states=hidden * factor, output_weight=weight,
+                         output_bias=bias * factor if bias is not None else None)
+
+
+def update(run: Run, batch: TrainBatch) -> dict[str, float]:
+    """``updates_per_batch`` optimizer steps over the batch, each accumulated over micro-batches."""
+    train = run.config.train
+    rows = torch.arange(batch.num_rows)
+    minibatches = rows.chunk(train.updates_per_batch)
+    totals: dict[str, float] = {}
+    for update_index, minibatch_rows in enumerate(minibatches):
+        scale = batch.num_rows / len(minibatch_rows)  # a minibatch carries the full batch's loss scale
+        run.optimizer.zero_grad(set_to_none=True)
+        metrics: dict[str, float] = {}
+        for micro_rows in minibatch_rows.split(train.micro_batch_size):
+            micro = batch.rows(micro_rows).to(run.device)
+            loss, micro_metrics = run.objective.loss(micro, student_forward(run, micro), off_policy=update_index > 0)
+            (loss * scale).backward()
+            for key, value in micro_metrics.items():
+                metrics[key] = metrics.get(key, 0.0) + float(value) * scale
+        trainable = [p for p in run.student.parameters() if p.requires_grad]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, train.max_grad_norm))
+        metrics["grad_norm"] = grad_norm
+        if not math.isfinite(metrics.get("loss", 0.0)) or not math.isfinite(grad_norm):
+            run.optimizer.zero_grad(set_to_none=True)
+            metrics["skipped"] = 1.0
+            metrics["nonfinite_term"] = nonfinite_term(metrics)
+        else:
+            run.optimizer.step()
+            metrics["skipped"] = 0.0
+        for key, value in metrics.items():  # report the last update's values
+            totals[key] = value
+    run.scheduler.step()
+    return totals
+
+
+def nonfinite_term(metrics: dict[str, Any]) -> str:
+    for term in ("pg_loss", "kd_loss", "ref_kl", "nll", "entropy", "loss"):
+        value = metrics.get(term)
+        if isinstance(value, float) and not math.isfinite(value):
+            return term
+    return "gradient"
+
+
+def training_step(run: Run) -> dict[str, Any]:
+    config, timings = run.config, {}
+    sampling = SamplingParams(config.rollout.temperature, config.rollout.top_p, config.rollout.max_new_tokens)
+    problems = [run.train_problems[i] for i in run.prompt_order.next(config.rollout.prompts_per_step)]
+    with timed(timings, "generate"):
+        rollouts = run.sampling_engine.generate(problems, config.rollout.group_size, sampling)
+    with timed(timings, "reward"):
+        rewards = score_rewards(run, rollouts)
+    with timed(timings, "teacher"):
+        teacher_out = run.teacher_scorer.score(rollouts, need_hidden=run.objective.needs_teacher_hidden) \
+            if run.objective.needs_teacher else None
+        reference_out = run.reference_scorer.score(rollouts) if run.reference_scorer is not None else None
+    batch = run.objective.prepare(make_batch(run, rollouts, rewards, teacher_out, reference_out), run.step)
+    with timed(timings, "train"):
+        update_metrics = update(run, batch)
+    run.step += 1
+    return {**step_metrics(run, rollouts, rewards, batch), **update_metrics, **timings,
+            "tokens_per_second": float(rollouts.response_mask.sum()) / max(1e-9, sum(timings.values())),
+            "_rollouts": rollouts, "_rewards": rewards}
+
+
+def step_metrics(run: Run, rollouts: Rollouts, rewards: torch.Tensor, batch: TrainBatch) -> dict[str, float]:
+    lengths = rollouts.response_mask.sum(-1)
+    correct = (rewards >= run.config.reward.correct_threshold).float()
+    return {"reward": float(rewards.mean()), "accuracy": float(correct.mean()),
+            "response_length": float(lengths.mean()), "truncated_fraction": float(rollouts.truncated.float().mean()),
+            "lr": run.scheduler.get_last_lr()[0], **run.objective.prepare_metrics(batch)}
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def evaluate_student(run: Run) -> dict[str, float]:
+    config = run.config
+    results = {}
+    for name, problems in run.eval_sets.items():
+        metrics = evaluate_problems(run.student_engine, problems, run.reward_fn, samples=config.eval.samples,
+                                    temperature=config.eval.temperature, top_p=config.rollout.top_p,
+                                    max_new_tokens=config.eval.max_new_tokens or config.rollout.max_new_tokens,
+                                    correct_threshold=config.reward.correct_threshold,
+                                    batch_size=config.eval.batch_size)
+        results.update({f"{name}/{key}": value for key, value in metrics.items()})
+    return results
+
+
+def save(run: Run) -> Path:
+    state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+             "prompt_order": run.prompt_order.state_dict(), "nonfinite_streak": run.nonfinite_streak}
+    path = ckpt.save_checkpoint(run.run_dir, run.step, run.student, run.tokenizer, state,
+                                run.config.checkpoint.keep_last)
+    final = run.run_dir / "final"
+    if final.is_symlink() or final.exists():
+        final.unlink()
+    final.symlink_to(path.relative_to(run.run_dir))
+    return path
+
+
+def train(config: Config, resume: Optional[str | Path] = None) -> dict[str, Any]:
+    run = setup(config, resume)
+    logger = run.logger
+    logger.write(f"kdrl: run directory {run.run_dir}")
+    before = None
+    if run.step == 0 and config.eval.before and config.data.eval:
+        before = evaluate_student(run)
+        logger.log(0, before, kind="eval")
+        (run.run_dir / "eval_before.json").write_text(json.dumps(before, indent=2))
+    started = time.perf_counter()
+    try:
+        while run.step < config.train.steps:
+            metrics = training_step(run)
+            rollouts, rewards = metrics.pop("_rollouts"), metrics.pop("_rewards")
+            logger.log(run.step, metrics)
+            logger.advance(metrics)
+            check_nonfinite(run, metrics)
+            if config.log.sample_every and run.step % config.log.sample_every == 0:
+                logger.samples(run.step, [{"prompt": rollouts.problems[i // rollouts.group_size].prompt,
+                                           "response": rollouts.response_texts[i], "reward": float(rewards[i])}
+                                          for i in range(min(4, rollouts.num_rows))])
+            if config.eval.every and run.step % config.eval.every == 0 and run.step < config.train.steps:
+                logger.log(run.step, evaluate_student(run), kind="eval")
+            if config.checkpoint.every and run.step % config.checkpoint.every == 0:
+                save(run)
+    finally:
+        logger.close()
+    wall = time.perf_counter() - started
+    after = evaluate_student(run) if config.data.eval else {}
+    if after:
+        _append_eval(run, after)
+    if config.checkpoint.save_final:
+        save(run)
+    summary = {"run_dir": str(run.run_dir), "steps": run.step, "train_seconds": wall,
+               "before": before, "after": after}
+    (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if config.log.plot:
+        plot_run(run.run_dir)
+    print(summary_table(before, after, wall, run.step), flush=True)
+    return summary
+
+
+def _append_eval(run: Run, metrics: dict[str, float]) -> None:
+    with (run.run_dir / "metrics.jsonl").open("a") as handle:
+        handle.write(json.dumps({"step": run.step, "kind": "eval", **metrics}) + "\n")
+
+
+def check_nonfinite(run: Run, metrics: dict[str, Any]) -> None:
+    if not metrics.get("skipped"):
+        run.nonfinite_streak = 0
+        return
+    run.nonfinite_streak += 1
+    run.logger.write(f"kdrl: step {run.step}: non-finite {metrics.get('nonfinite_term')}; optimizer step skipped "
+                     f"({run.nonfinite_streak}/{run.config.train.max_nonfinite_skips})")
+    if run.nonfinite_streak >= run.config.train.max_nonfinite_skips:
+        raise TrainingStopped(f"{run.nonfinite_streak} consecutive non-finite steps (last: "
+                              f"{metrics.get('nonfinite_term')} at step {run.step}); stopping. The last good "
+                              f"checkpoint in {run.run_dir} is kept; lower train.learning_rate or the KD beta")
+
+
+def summary_table(before: Optional[dict], after: dict, wall: float, steps: int) -> str:
+    sets = sorted({key.split("/")[0] for key in after if key.endswith("/accuracy")})
+    lines = [f"\nkdrl: {steps} steps in {wall:.0f} s", "", "| set | accuracy before | accuracy after | "
+             "length before | length after |", "|---|---|---|---|---|"]
+    for name in sets:
+        b = before or {}
+        lines.append(f"| {name} | {_pct(b.get(f'{name}/accuracy'))} | {_pct(after.get(f'{name}/accuracy'))} | "
+                     f"{_num(b.get(f'{name}/response_length'))} | {_num(after.get(f'{name}/response_length'))} |")
+    return "\n".join(lines)
+
+
+def _pct(value: Optional[float]) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _num(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.1f}"

@@ -1,0 +1,127 @@
+"""Plain data passed between the stages of a training step (DESIGN.md, "Data flow").
+
+Every arrow of the step is a function call on one of these dataclasses of tensors.
+Shapes use B = rows (prompts x group size, grouped consecutively), P = padded prompt
+width (left padded), R = padded response width (right padded), V = vocabulary, H = hidden.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Optional
+
+import torch
+
+
+@dataclass
+class Problem:
+    """One problem: the text the model is prompted with and its reference answer."""
+
+    id: str
+    prompt: str
+    answer: str
+    solution: Optional[str] = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Rollouts:
+    """G sampled responses per prompt, as produced by a rollout engine.
+
+    Row b answers problem ``problems[b // group_size]``: rows of one group are consecutive.
+    """
+
+    problems: list[Problem]
+    group_size: int
+    prompt_ids: torch.Tensor  # [B, P] long, left padded
+    prompt_mask: torch.Tensor  # [B, P] long, 1 on real prompt tokens
+    response_ids: torch.Tensor  # [B, R] long, right padded with pad id after EOS
+    response_mask: torch.Tensor  # [B, R] float, 1 on response tokens (EOS included)
+    sampler_logprobs: torch.Tensor  # [B, R] float, log pi_old of each sampled token
+    response_texts: list[str]
+    truncated: torch.Tensor  # [B] bool, hit max_new_tokens without EOS
+    # Per-row source: "student" on-policy, "teacher" / "dataset" for off-policy rows.
+    sources: list[str] = field(default_factory=list)
+
+    @property
+    def num_rows(self) -> int:
+        return self.response_ids.shape[0]
+
+    def input_ids(self) -> torch.Tensor:
+        return torch.cat([self.prompt_ids, self.response_ids], dim=1)
+
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.prompt_mask, self.response_mask.long()], dim=1)
+
+
+@dataclass
+class TeacherOutput:
+    """What a teacher says about the student's tokens.
+
+    ``token_logprobs`` always; ``hidden_states`` + ``output_weight`` when the objective
+    needs full-vocabulary terms (the logits are then formed chunk by chunk, never whole).
+    """
+
+    token_logprobs: torch.Tensor  # [B, R]
+    hidden_states: Optional[torch.Tensor] = None  # [B, R, H] at the positions predicting each response token
+    output_weight: Optional[torch.Tensor] = None  # [V, H]
+
+
+@dataclass
+class TrainBatch:
+    """Everything the objective needs for one optimizer step's worth of rollouts.
+
+    Fields after ``rewards`` are filled by ``Objective.prepare``.
+    """
+
+    input_ids: torch.Tensor  # [B, P+R]
+    attention_mask: torch.Tensor  # [B, P+R]
+    prompt_width: int  # P
+    response_ids: torch.Tensor  # [B, R]
+    response_mask: torch.Tensor  # [B, R] float
+    sampler_logprobs: torch.Tensor  # [B, R]
+    rewards: torch.Tensor  # [B]
+    group_size: int
+    teacher_logprobs: Optional[torch.Tensor] = None  # [B, R]
+    teacher_hidden: Optional[torch.Tensor] = None  # [B, R, H]
+    teacher_output_weight: Optional[torch.Tensor] = None  # [V, H]
+    reference_logprobs: Optional[torch.Tensor] = None  # [B, R]
+    on_policy: Optional[torch.Tensor] = None  # [B] float, 1 where the row was sampled from the student
+    # Filled by Objective.prepare:
+    advantages: Optional[torch.Tensor] = None  # [B, R] token-level advantage (outcome + KD-in-advantage)
+    kd_mask: Optional[torch.Tensor] = None  # [B] float, reward-guided KD mask m_i
+    nll_mask: Optional[torch.Tensor] = None  # [B] float, rows trained by likelihood (SFT)
+    token_weights: Optional[torch.Tensor] = None  # [B, R] loss-aggregation weights; sum over the full batch = 1
+    beta: float = 0.0
+
+    @property
+    def num_rows(self) -> int:
+        return self.response_ids.shape[0]
+
+    def rows(self, index: slice | torch.Tensor) -> "TrainBatch":
+        """The sub-batch of the given rows (for gradient accumulation). Weights keep their
+        full-batch normalisation, so summing micro-batch losses gives the full-batch loss."""
+        updates = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == self.num_rows \
+                    and f.name != "teacher_output_weight":
+                updates[f.name] = value[index]
+        return replace(self, **updates)
+
+    def to(self, device: torch.device | str) -> "TrainBatch":
+        updates = {f.name: getattr(self, f.name).to(device) for f in fields(self)
+                   if isinstance(getattr(self, f.name), torch.Tensor)}
+        return replace(self, **updates)
+
+
+@dataclass
+class StudentOutput:
+    """The student's forward pass at response positions, with gradient.
+
+    ``hidden_states`` at the positions predicting each response token and the output
+    projection, so every log-prob and divergence is formed chunk by chunk.
+    """
+
+    hidden_states: torch.Tensor  # [B, R, H]
+    output_weight: torch.Tensor  # [V, H]
+    output_bias: Optional[torch.Tensor] = None  # [V]
