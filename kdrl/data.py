@@ -54,8 +54,9 @@ def _row_to_problem(row: Any, where: str, index: int, fields: dict[str, str]) ->
         raise DataError(f"{where}: field '{fields['solution']}' must be a string")
     known = {fields["prompt"], fields["answer"], fields["solution"], "id", "metadata"}
     metadata = dict(row.get("metadata") or {})
-    metadata.update({k: v for k, v in row.items() if k not in known})
-    return Problem(id=str(row.get("id", index)), prompt=prompt, answer=str(answer), solution=solution,
+    metadata.update({k: v for k, v in row.items() if k not in known and v is not None})
+    row_id = row.get("id")
+    return Problem(id=str(row_id if row_id is not None else index), prompt=prompt, answer=str(answer), solution=solution,
                    metadata=metadata)
 
 

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 torch.set_num_threads(2)
+sys.path.insert(0, str(Path(__file__).parent))  # test-only user rewards ("kdrl_test_rewards:...")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
