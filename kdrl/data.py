@@ -62,13 +62,16 @@ def _row_to_problem(row: Any, where: str, index: int, fields: dict[str, str]) ->
 
 def _read_jsonl(path: Path) -> Iterable[tuple[str, int, Any]]:
     with path.open("r", encoding="utf-8") as handle:
+        row_index = 0  # ids default to the 0-based row number, as for Parquet
         for line_number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
             try:
-                yield f"{path}:{line_number}", line_number, json.loads(line)
+                row = json.loads(line)
             except json.JSONDecodeError as error:
                 raise DataError(f"{path}:{line_number}: not valid JSON ({error.msg})") from None
+            yield f"{path}:{line_number}", row_index, row
+            row_index += 1
 
 
 def _read_json(path: Path) -> Iterable[tuple[str, int, Any]]:
