@@ -75,7 +75,7 @@ def test_jsonl_and_parquet_load_the_same(tmp_path):
 
 
 @pytest.mark.parametrize("content, needle", [
-    ("", "empty"),
+    ("", ": no problems found"),
     ('{"prompt": "x"}\n', ":1: missing field 'answer'"),
     ('{"prompt": "x", "answer": "1"}\n[1, 2]\n', ":2: expected an object"),
     ('{"prompt": "", "answer": "1"}\n', ":1: field 'prompt' must be a non-empty string"),
