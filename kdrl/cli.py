@@ -104,6 +104,24 @@ def cmd_prepare_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    import shlex
+
+    from kdrl.bench import run_benchmark
+
+    method_overrides: dict[str, list[str]] = {}
+    for item in args.method_override:
+        method, _, override = item.partition(":")
+        method_overrides.setdefault(method, []).append(override)
+    command = "kdrl bench " + " ".join(shlex.quote(a) for a in args.argv)
+    results = run_benchmark(args.methods, list(range(args.seeds)), Path(args.out), args.overrides,
+                            method_overrides, args.target, command)
+    from kdrl.bench import markdown
+
+    print(markdown(results))
+    return 0
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from kdrl.logger import plot_run
 
@@ -147,6 +165,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--scale", choices=["full", "toy"], default="full")
     demo.set_defaults(func=cmd_prepare_demo)
 
+    bench = commands.add_parser("bench", help="compare methods on one budget over several seeds")
+    bench.add_argument("--methods", nargs="+", default=["sft", "grpo", "kd_rkl", "opd", "kdrl", "kdrl_anneal",
+                                                        "kdrl_mask"])
+    bench.add_argument("--seeds", type=int, default=3)
+    bench.add_argument("--target", type=float, default=0.5, help="accuracy for 'steps to reach'")
+    bench.add_argument("--out", default="benchmarks/results/methods")
+    bench.add_argument("--method-override", action="append", default=[], metavar="METHOD:KEY=VALUE",
+                       help="an override for one method only (e.g. kdrl:objective.beta.initial=0.01)")
+    bench.add_argument("overrides", nargs="*", help="key=value overrides applied to every method")
+    bench.set_defaults(func=cmd_bench)
+
     plot = commands.add_parser("plot", help="plot a run's curves to PNG")
     plot.add_argument("run_dir")
     plot.add_argument("--out")
@@ -160,6 +189,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not argv:
         argv = ["train"]
     args = parser.parse_args(argv)
+    args.argv = argv[1:]
     if args.command is None:
         parser.print_help()
         return 2

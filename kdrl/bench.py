@@ -1,0 +1,149 @@
+"""Method comparison on one budget: train each preset over several seeds from the same student,
+then tabulate held-out avg@k / pass@k, response length, wall time and steps to a target accuracy.
+
+    kdrl bench --methods grpo kdrl kd_rkl --seeds 3 --out benchmarks/results/methods
+
+Every method gets the same prompts per step, rollouts per prompt, steps and evaluation; only the
+recipe's objective section differs (plus per-method overrides given with --method-override).
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Optional
+
+from kdrl.config import load_config
+from kdrl.logger import read_metrics
+
+
+def run_benchmark(methods: list[str], seeds: list[int], out_dir: Path, overrides: list[str],
+                  method_overrides: dict[str, list[str]], target_accuracy: float, command: str,
+                  recipes_dir: Path = Path("recipes")) -> dict:
+    from kdrl.trainer import train
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs: dict[str, list[dict]] = {}
+    started = time.perf_counter()
+    for method in methods:
+        for seed in seeds:
+            run_dir = out_dir / "runs" / f"{method}-seed{seed}"
+            summary_path = run_dir / "summary.json"
+            if summary_path.is_file():  # a finished run is reused: the benchmark can be resumed
+                summary = json.loads(summary_path.read_text())
+            else:
+                config = load_config(recipes_dir / f"{method}.yaml",
+                                     overrides + method_overrides.get(method, []) +
+                                     [f"train.seed={seed}", f"log.run_dir={run_dir}", "log.progress=false"])
+                t0 = time.perf_counter()
+                summary = train(config)
+                summary["wall_seconds"] = time.perf_counter() - t0
+                summary_path.write_text(json.dumps(summary, indent=2))
+            summary["curve"] = [r for r in read_metrics(run_dir) if r.get("kind") == "eval"]
+            runs.setdefault(method, []).append(summary)
+    results = {"methods": methods, "seeds": seeds, "target_accuracy": target_accuracy, "command": command,
+               "overrides": overrides, "method_overrides": method_overrides,
+               "total_seconds": time.perf_counter() - started, "rows": table_rows(runs, target_accuracy)}
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    (out_dir / "table.md").write_text(markdown(results) + "\n")
+    plot_curves(runs, out_dir / "curves.png")
+    return results
+
+
+def steps_to_reach(curve: list[dict], set_name: str, target: float) -> Optional[int]:
+    for record in curve:
+        if record.get(f"{set_name}/accuracy", -1) >= target:
+            return record["step"]
+    return None
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def table_rows(runs: dict[str, list[dict]], target: float) -> list[dict]:
+    rows = []
+    for method, summaries in runs.items():
+        row: dict = {"method": method, "seeds": len(summaries)}
+        sets = sorted({k.split("/")[0] for s in summaries for k in s["after"] if k.endswith("/accuracy")})
+        for name in sets:
+            keys = sorted({k.split("/", 1)[1] for s in summaries for k in s["after"]
+                           if k.startswith(name + "/") and (k.endswith("accuracy") or "pass@" in k
+                                                            or k.endswith("response_length"))})
+            for key in keys:
+                row[f"{name}/{key}"] = _mean_std([s["after"][f"{name}/{key}"] for s in summaries
+                                                  if f"{name}/{key}" in s["after"]])
+            reached = [steps_to_reach(s["curve"], name, target) for s in summaries]
+            row[f"{name}/steps_to_target"] = (sum(r is not None for r in reached),
+                                              [r for r in reached])
+        row["wall_seconds"] = _mean_std([s.get("wall_seconds", s.get("train_seconds", 0.0)) for s in summaries])
+        before = summaries[0].get("before") or {}
+        row["before"] = {k: v for k, v in before.items() if k.endswith("/accuracy") or k.endswith("response_length")}
+        rows.append(row)
+    return rows
+
+
+def markdown(results: dict) -> str:
+    rows = results["rows"]
+    metric_keys = [k for k in rows[0] if isinstance(rows[0][k], (list, tuple)) and "/" in k
+                   and not k.endswith("steps_to_target")] if rows else []
+    target = results["target_accuracy"]
+    step_keys = [k for k in rows[0] if k.endswith("steps_to_target")] if rows else []
+    header = ["method"] + metric_keys + [f"{k.split('/')[0]} steps to {target:.0%}" for k in step_keys] + \
+        ["wall s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    if rows and rows[0]["before"]:
+        start = rows[0]["before"]
+        cells = ["initial student"] + [f"{start[k]:.3f}" if k in start else "" for k in metric_keys] + \
+            [""] * len(step_keys) + [""]
+        lines.append("| " + " | ".join(cells) + " |")
+    for row in rows:
+        cells = [row["method"]]
+        for key in metric_keys:
+            mean, std = row[key]
+            cells.append(f"{mean:.3f} ± {std:.3f}" if not key.endswith("length") else f"{mean:.1f} ± {std:.1f}")
+        for key in step_keys:
+            count, steps = row[key]
+            reached = [s for s in steps if s is not None]
+            cells.append(f"{statistics.fmean(reached):.0f} ({count}/{len(steps)} seeds)" if reached
+                         else f"not reached (0/{len(steps)})")
+        mean, std = row["wall_seconds"]
+        cells.append(f"{mean:.0f} ± {std:.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    seeds = ", ".join(map(str, results["seeds"]))
+    lines += ["", f"Mean ± standard deviation over seeds {seeds}. Command: `{results['command']}`. "
+                  f"Whole benchmark: {results['total_seconds'] / 60:.1f} min."]
+    return "\n".join(lines)
+
+
+def plot_curves(runs: dict[str, list[dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sets = sorted({k.split("/")[0] for summaries in runs.values() for s in summaries for r in s["curve"]
+                   for k in r if k.endswith("/accuracy")})
+    panels = [(name, "accuracy") for name in sets] + [(sets[0], "response_length")] if sets else []
+    figure, axes = plt.subplots(1, max(1, len(panels)), figsize=(4.5 * max(1, len(panels)), 3.6))
+    axes = axes if hasattr(axes, "__len__") else [axes]
+    for axis, (name, key) in zip(axes, panels):
+        for method, summaries in runs.items():
+            by_step: dict[int, list[float]] = {}
+            for summary in summaries:
+                for record in summary["curve"]:
+                    if f"{name}/{key}" in record:
+                        by_step.setdefault(record["step"], []).append(record[f"{name}/{key}"])
+            steps = sorted(by_step)
+            axis.plot(steps, [statistics.fmean(by_step[s]) for s in steps], marker=".", label=method)
+        axis.set_title(f"{name} {key.replace('_', ' ')}", fontsize=10)
+        axis.set_xlabel("step")
+        axis.grid(alpha=0.3)
+    if panels:
+        axes[0].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)

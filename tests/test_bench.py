@@ -1,0 +1,49 @@
+"""The method benchmark at toy size, and the evaluation estimators on hand-computed cases."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from kdrl.evaluate import majority_answer, pass_at_k
+
+
+@pytest.mark.parametrize("n, c, k, expected", [
+    (4, 0, 1, 0.0), (4, 0, 4, 0.0), (4, 4, 1, 1.0), (4, 1, 4, 1.0),  # n = k: 1 iff any correct
+    (4, 1, 1, 0.25), (5, 2, 2, 1 - math.comb(3, 2) / math.comb(5, 2)), (10, 3, 5, 1 - math.comb(7, 5) / math.comb(10, 5)),
+    (3, 1, 3, 1.0), (8, 6, 3, 1.0),  # fewer wrong than k: every k-subset contains a correct one
+])
+def test_pass_at_k_hand_cases(n, c, k, expected):
+    assert pass_at_k(n, c, k) == pytest.approx(expected, abs=1e-12)
+
+
+def test_pass_at_k_rejects_bad_counts():
+    with pytest.raises(ValueError):
+        pass_at_k(3, 4, 1)
+    with pytest.raises(ValueError):
+        pass_at_k(3, 1, 4)
+
+
+def test_majority_ties_break_by_first_seen():
+    assert majority_answer(["2", "3", "3", "2"]) == "2"
+    assert majority_answer([None, "7", None]) == "7"
+    assert majority_answer(["1", "2", "2"]) == "2"
+    assert majority_answer([None, None]) is None
+
+
+def test_benchmark_toy(tiny_overrides, tmp_path):
+    from kdrl.bench import run_benchmark
+
+    overrides = [o for o in tiny_overrides if not o.startswith("log.run_dir")] + [
+        "train.steps=2", "eval.every=1", "eval.samples=2", "eval.temperature=1.0"]
+    results = run_benchmark(["grpo", "kd_rkl"], [0], tmp_path / "bench", overrides, {}, 0.5, "kdrl bench (test)")
+    table = (tmp_path / "bench" / "table.md").read_text()
+    assert "| grpo |" in table and "| kd_rkl |" in table
+    assert "pass@2" in table and "response_length" in table
+    assert (tmp_path / "bench" / "curves.png").stat().st_size > 1000
+    saved = json.loads((tmp_path / "bench" / "results.json").read_text())
+    assert [row["method"] for row in saved["rows"]] == ["grpo", "kd_rkl"]
+    for row in saved["rows"]:
+        mean, std = row["test/accuracy"]
+        assert 0.0 <= mean <= 1.0 and std == 0.0
