@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -17,6 +18,8 @@ import torch
 
 COMPLETE_MARKER = "COMPLETE"
 STATE_FILE = "trainer_state.pt"
+TEMP_PREFIX = ".tmp-step-"  # a save in progress (or killed mid-way)
+RETIRED_PREFIX = ".old-step-"  # the previous copy of a step being re-saved
 
 
 class CheckpointError(ValueError):
@@ -38,8 +41,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
     python_state = state["python"]
     random.setstate((python_state[0], tuple(python_state[1]), python_state[2]))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def save_model(model: torch.nn.Module, tokenizer: Any, path: Path) -> None:
@@ -57,28 +61,68 @@ def save_model(model: torch.nn.Module, tokenizer: Any, path: Path) -> None:
     tokenizer.save_pretrained(str(path))
 
 
+def step_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, tokenizer: Any,
                     trainer_state: dict[str, Any], keep_last: int) -> Path:
+    """Write ``step-NNNNNNNN`` atomically: a temporary directory, fsynced, then renamed into place.
+
+    The random generator states are taken first, before anything is written, so they are the
+    ones of the checkpoint moment. A kill at any point leaves every earlier checkpoint whole;
+    a half-written temporary directory is ignored by ``latest_checkpoint`` and removed by the
+    next save.
+    """
+    state = {**trainer_state, "step": step}
+    state.setdefault("rng", rng_state())
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:08d}"
-    temporary = root / f".tmp-step-{step:08d}-{os.getpid()}"
+    final = root / step_name(step)
+    temporary = root / f"{TEMP_PREFIX}{step:08d}-{os.getpid()}"
     if temporary.exists():
         shutil.rmtree(temporary)
     temporary.mkdir()
     save_model(model, tokenizer, temporary)
-    torch.save({**trainer_state, "step": step, "rng": rng_state()}, temporary / STATE_FILE)
-    (temporary / COMPLETE_MARKER).write_text(str(step))
-    _fsync_dir(temporary)
-    if final.exists():  # re-saving the same step (e.g. the final save right after a periodic one)
-        shutil.rmtree(final)
-    os.replace(temporary, final)
-    _fsync_dir(root)
+    torch.save(state, temporary / STATE_FILE)
+    _fsync_tree(temporary)
+    (temporary / COMPLETE_MARKER).write_text(str(step))  # written last: its presence means complete
+    _fsync(temporary / COMPLETE_MARKER)
+    _fsync(temporary)
+    if final.exists():  # re-saving a step: retire the old copy by rename, never delete it first
+        retired = root / f"{RETIRED_PREFIX}{step:08d}-{os.getpid()}"
+        if retired.exists():
+            shutil.rmtree(retired)
+        os.replace(final, retired)
+        os.replace(temporary, final)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        os.replace(temporary, final)
+    _fsync(root)
     prune_checkpoints(run_dir, keep_last)
     return final
 
 
-def _fsync_dir(path: Path) -> None:
+def link_final(run_dir: Path, checkpoint: Path) -> None:
+    """Point ``run_dir/final`` at ``checkpoint``, atomically (a new link renamed over the old one)."""
+    final = run_dir / "final"
+    temporary = run_dir / f".final-{os.getpid()}"
+    if temporary.is_symlink() or temporary.exists():
+        temporary.unlink()
+    temporary.symlink_to(checkpoint.relative_to(run_dir))
+    os.replace(temporary, final)
+
+
+def _fsync_tree(path: Path) -> None:
+    """Flush the files and directories under ``path`` to disk (a rename is only as durable as its content)."""
+    for item in sorted(path.rglob("*")):
+        if not item.is_symlink():
+            _fsync(item)
+    _fsync(path)
+
+
+def _fsync(path: Path) -> None:
+    """Flush one file or directory entry list to disk."""
     try:
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -86,24 +130,35 @@ def _fsync_dir(path: Path) -> None:
         finally:
             os.close(fd)
     except OSError:
-        pass
+        pass  # a file system without fsync on directories
+
+
+def is_complete(path: Path) -> bool:
+    return path.is_dir() and (path / COMPLETE_MARKER).is_file() and (path / STATE_FILE).is_file()
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete ``step-N`` directories, oldest first; temporary and retired ones are never listed."""
     root = checkpoint_dir(run_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")
-             and (p / COMPLETE_MARKER).is_file() and (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+    found = []
+    for path in root.iterdir():
+        number = path.name[len("step-"):]
+        if path.name.startswith("step-") and number.isdigit() and is_complete(path):
+            found.append((int(number), path))
+    return [path for _, path in sorted(found)]
 
 
 def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
+    """Keep the newest ``keep_last`` complete checkpoints; remove leftovers of killed saves."""
     for stale in complete_checkpoints(run_dir)[:-keep_last]:
         shutil.rmtree(stale, ignore_errors=True)
-    for leftover in checkpoint_dir(run_dir).glob(".tmp-step-*"):
-        if str(os.getpid()) not in leftover.name:
-            shutil.rmtree(leftover, ignore_errors=True)
+    mine = f"-{os.getpid()}"
+    for prefix in (TEMP_PREFIX, RETIRED_PREFIX):
+        for leftover in checkpoint_dir(run_dir).glob(f"{prefix}*"):
+            if not leftover.name.endswith(mine):  # another (dead) process's half-written save
+                shutil.rmtree(leftover, ignore_errors=True)
 
 
 def latest_checkpoint(run_dir: Path) -> Optional[Path]:
@@ -112,5 +167,11 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
 
 
 def load_trainer_state(path: Path) -> dict[str, Any]:
-    # weights_only: a checkpoint is data, never code
-    return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    """The trainer state of checkpoint ``path``; ``weights_only``: a checkpoint is data, never code."""
+    try:
+        with warnings.catch_warnings():  # torch's pickle-protocol notes on a damaged file: the error says it
+            warnings.simplefilter("ignore")
+            return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated, corrupt, or holding objects that are not plain data
+        raise CheckpointError(f"{path / STATE_FILE}: cannot be read ({type(error).__name__}: "
+                              f"{str(error).splitlines()[0] if str(error) else 'no detail'})") from None
