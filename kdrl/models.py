@@ -6,6 +6,7 @@ recipe sets ``model.trust_remote_code``.
 """
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any, Optional
 
@@ -69,7 +70,9 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False) -> Any:
     return tokenizer
 
 
-def load_model(spec: str, config: ModelConfig, device: torch.device, trainable: bool) -> torch.nn.Module:
+def load_model(spec: str, config: ModelConfig, device: torch.device, trainable: bool,
+               adapter: Optional[Path] = None) -> torch.nn.Module:
+    """``adapter``: a saved LoRA adapter to continue training (resume) instead of a fresh one."""
     from transformers import AutoModelForCausalLM
 
     quiet_transformers()
@@ -83,12 +86,19 @@ def load_model(spec: str, config: ModelConfig, device: torch.device, trainable: 
             raise ModelError(f"model '{spec}' needs its own code; set model.trust_remote_code=true "
                              "only if you trust it") from None
         raise
+    except pickle.UnpicklingError:  # a pickled .bin that holds more than tensors is never run
+        raise ModelError(f"model '{spec}': its pytorch_model.bin holds objects that are not plain tensors; "
+                         "kdrl reads weights only (convert the checkpoint to safetensors)") from None
+    except Exception as error:
+        if type(error).__name__ == "SafetensorError":  # truncated or corrupt weights file
+            raise ModelError(f"model '{spec}': unreadable safetensors weights ({error})") from None
+        raise
     model.to(device)
     if trainable:
         if config.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if config.lora.enabled:
-            model = apply_lora(model, config)
+            model = apply_lora(model, config, adapter)
         model.train()
     else:
         model.eval()
@@ -100,9 +110,13 @@ def load_model(spec: str, config: ModelConfig, device: torch.device, trainable: 
     return model
 
 
-def apply_lora(model: torch.nn.Module, config: ModelConfig) -> torch.nn.Module:
+def apply_lora(model: torch.nn.Module, config: ModelConfig, adapter: Optional[Path] = None) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
 
+    if adapter is not None:
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
     lora = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
                       target_modules=list(config.lora.target_modules), task_type="CAUSAL_LM")
     return get_peft_model(model, lora)

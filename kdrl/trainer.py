@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import time
-from contextlib import contextmanager
+import warnings
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -24,7 +26,7 @@ from typing import Any, Optional
 import torch
 
 from kdrl import checkpoint as ckpt
-from kdrl.config import Config, save_config
+from kdrl.config import Config, ConfigError, save_config
 from kdrl.data import DataError, PromptSampler, format_prompt, load_problems
 from kdrl.evaluate import evaluate_problems
 from kdrl.logger import MetricsLogger, plot_run
@@ -122,12 +124,13 @@ def lr_lambda(config: Config):
 def setup(config: Config, resume: Optional[str | Path] = None) -> Run:
     seed_everything(config.train.seed)
     device = pick_device(config.train.device)
-    resume_from = None
+    resume_from, state = None, None
     if resume is not None:
         run_dir = Path(resume)
         resume_from = ckpt.latest_checkpoint(run_dir)
         if resume_from is None:
             raise ckpt.CheckpointError(f"{run_dir}: no complete checkpoint to resume from")
+        state = ckpt.load_trainer_state(resume_from)
     else:
         run_dir = Path(config.log.run_dir) if config.log.run_dir else default_run_dir(config)
 
@@ -135,14 +138,28 @@ def setup(config: Config, resume: Optional[str | Path] = None) -> Run:
     tokenizer = load_tokenizer(config.model.student, config.model.trust_remote_code)
     train_problems = load_problems(config.data.train, config.data.prompt_field, config.data.answer_field,
                                    config.data.solution_field)
-    eval_sets = {Path(spec.split(":")[-1]).stem: load_problems(spec, config.data.prompt_field,
-                                                              config.data.answer_field, config.data.solution_field,
-                                                              limit=config.eval.num_problems)
-                 for spec in config.data.eval}
-    reward_fn = combine_rewards(parse_reward_specs(config.reward.functions), config.reward.timeout_s)
+    eval_sets, eval_sources = {}, {}
+    for spec in config.data.eval:
+        name = Path(spec.split(":")[-1]).stem
+        if name in eval_sets:
+            raise ConfigError(f"data.eval: '{eval_sources[name]}' and '{spec}' would both report as '{name}'; "
+                              "rename one file")
+        eval_sources[name] = spec
+        eval_sets[name] = load_problems(spec, config.data.prompt_field, config.data.answer_field,
+                                        config.data.solution_field, limit=config.eval.num_problems)
+    try:
+        reward_fn = combine_rewards(parse_reward_specs(config.reward.functions), config.reward.timeout_s)
+    except (ValueError, TypeError) as error:  # unknown name, unimportable module:function
+        raise ConfigError(f"reward.functions: {error}") from None
 
-    student = load_model(str(resume_from) if resume_from else config.model.student, config.model, device,
-                         trainable=True)
+    # A LoRA student resumes as the base plus its saved adapter (and optimizer state for it);
+    # a full student resumes from the checkpoint's weights.
+    lora_resume = resume_from is not None and config.model.lora.enabled
+    if lora_resume and not (resume_from / "adapter").is_dir():
+        raise ckpt.CheckpointError(f"{resume_from}: no LoRA adapter saved, but model.lora.enabled=true")
+    student = load_model(str(resume_from) if resume_from and not lora_resume else config.model.student,
+                         config.model, device, trainable=True,
+                         adapter=resume_from / "adapter" if lora_resume else None)
     teacher = None
     if config.model.teacher is not None and (config.objective.kd_placement != "none"
                                              or config.rollout.policy == "teacher"):
@@ -155,7 +172,9 @@ def setup(config: Config, resume: Optional[str | Path] = None) -> Run:
             reference = load_model(config.model.student, config.model, device, trainable=False)
         else:
             reference = load_model(config.model.reference, config.model, device, trainable=False)
-            check_tokenizers_compatible(tokenizer, load_tokenizer(config.model.reference), "reference")
+            check_tokenizers_compatible(tokenizer, load_tokenizer(config.model.reference,
+                                                                  config.model.trust_remote_code), "reference",
+                                        student, reference)
 
     context = context_length(student)
     max_prompt = config.data.max_prompt_tokens
@@ -165,11 +184,14 @@ def setup(config: Config, resume: Optional[str | Path] = None) -> Run:
             raise ModelError(f"rollout.max_new_tokens={config.rollout.max_new_tokens} leaves no room for a prompt "
                              f"in the student's context of {context} tokens")
     encode = make_encoder(tokenizer, config, max_prompt)
-    for problem in train_problems + [p for problems in eval_sets.values() for p in problems]:
-        encode(problem)  # fail now, naming the problem, rather than mid-run
+    sources = [(config.data.train, train_problems)] + [(eval_sources[name], eval_sets[name]) for name in eval_sets]
+    for spec, problems in sources:
+        for problem in problems:
+            try:
+                encode(problem)  # fail now, naming the file and the problem, rather than mid-run
+            except DataError as error:
+                raise DataError(f"{spec}: {error}") from None
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, run_dir / "config.yaml")
     objective = Objective(config.objective, total_steps=config.train.steps,
                           max_response_len=config.rollout.max_new_tokens,
                           correct_threshold=config.reward.correct_threshold,
@@ -181,13 +203,24 @@ def setup(config: Config, resume: Optional[str | Path] = None) -> Run:
     prompt_order = PromptSampler(len(train_problems), config.train.seed, config.data.shuffle)
 
     step, streak = 0, 0
-    if resume_from is not None:
-        state = ckpt.load_trainer_state(resume_from)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+    if state is not None:
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+        except (ValueError, KeyError) as error:  # e.g. LoRA switched on or off since the checkpoint
+            raise ckpt.CheckpointError(f"{resume_from}: the optimizer state does not fit this model ({error})") \
+                from None
+        saved_count = int(state["prompt_order"].get("num_problems", len(train_problems)))
+        if saved_count != len(train_problems):
+            raise ckpt.CheckpointError(f"{resume_from}: the run was trained on {saved_count} problems, but "
+                                       f"data.train={config.data.train} has {len(train_problems)}; the data order "
+                                       "cannot be resumed")
         prompt_order.load_state_dict(state["prompt_order"])
         step, streak = int(state["step"]), int(state.get("nonfinite_streak", 0))
-        ckpt.set_rng_state(state["rng"])
+
+    run_dir.mkdir(parents=True, exist_ok=True)  # everything is checked: now the run directory is written
+    save_config(config, run_dir / "config.yaml")
+    if state is not None:
         truncate_metrics(run_dir, step)
     logger = MetricsLogger(run_dir, config.log, config.train.steps, initial_step=step)
     run = Run(config, run_dir, device, tokenizer, student, teacher, reference, train_problems, eval_sets, reward_fn,
@@ -203,6 +236,8 @@ def setup(config: Config, resume: Optional[str | Path] = None) -> Run:
     run.reference_scorer = LocalTeacher(reference, config.train.micro_batch_size, config.objective.chunk_size,
                                         config.rollout.temperature) \
         if reference is not None else None
+    if state is not None:
+        ckpt.set_rng_state(state["rng"])  # last: the generators continue exactly from the checkpoint moment
     return run
 
 
@@ -212,12 +247,25 @@ def seed_everything(seed: int) -> None:
 
 
 def truncate_metrics(run_dir: Path, step: int) -> None:
-    """On resume, drop records written after the checkpoint so the log reads as one run."""
-    path = run_dir / "metrics.jsonl"
-    if path.is_file():
-        kept = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in kept))
+    """On resume, drop records written after the checkpoint so the log reads as one run.
+
+    A line cut short by a kill mid-write is dropped too.
+    """
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        path = run_dir / name
+        if not path.is_file():
+            continue
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+                kept.append(line)
+        temporary = path.with_name(path.name + ".tmp")
+        temporary.write_text("".join(line + "\n" for line in kept))
+        os.replace(temporary, path)
 
 
 # ----------------------------------------------------------------------------- one step
@@ -272,16 +320,18 @@ def update(run: Run, batch: TrainBatch) -> dict[str, float]:
         scale = batch.num_rows / len(minibatch_rows)  # a minibatch carries the full batch's loss scale
         run.optimizer.zero_grad(set_to_none=True)
         metrics: dict[str, float] = {}
+        loss_finite = True
         for micro_rows in minibatch_rows.split(train.micro_batch_size):
             micro = batch.rows(micro_rows).to(run.device)
             loss, micro_metrics = run.objective.loss(micro, student_forward(run, micro), off_policy=update_index > 0)
+            loss_finite = loss_finite and math.isfinite(float(loss.detach()))
             (loss * scale).backward()
             for key, value in micro_metrics.items():
                 metrics[key] = metrics.get(key, 0.0) + float(value) * scale
         trainable = [p for p in run.student.parameters() if p.requires_grad]
         grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, train.max_grad_norm))
         metrics["grad_norm"] = grad_norm
-        if not math.isfinite(metrics.get("loss", 0.0)) or not math.isfinite(grad_norm):
+        if not loss_finite or not math.isfinite(metrics.get("loss", 0.0)) or not math.isfinite(grad_norm):
             run.optimizer.zero_grad(set_to_none=True)
             metrics["skipped"] = 1.0
             metrics["nonfinite_term"] = nonfinite_term(metrics)
@@ -290,7 +340,9 @@ def update(run: Run, batch: TrainBatch) -> dict[str, float]:
             metrics["skipped"] = 0.0
         for key, value in metrics.items():  # report the last update's values
             totals[key] = value
-    run.scheduler.step()
+    with warnings.catch_warnings():  # a skipped first step is deliberate, not torch's call-order mistake
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+        run.scheduler.step()
     return totals
 
 
@@ -347,14 +399,22 @@ def evaluate_student(run: Run) -> dict[str, float]:
 
 
 def save(run: Run) -> Path:
-    state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-             "prompt_order": run.prompt_order.state_dict(), "nonfinite_streak": run.nonfinite_streak}
-    path = ckpt.save_checkpoint(run.run_dir, run.step, run.student, run.tokenizer, state,
-                                run.config.checkpoint.keep_last)
-    final = run.run_dir / "final"
-    if final.is_symlink() or final.exists():
-        final.unlink()
-    final.symlink_to(path.relative_to(run.run_dir))
+    """Checkpoint the current state (atomically); ``final`` points at it."""
+    rng = ckpt.rng_state()  # the generators as they are now, before saving touches anything
+    latest = ckpt.latest_checkpoint(run.run_dir)
+    if latest is not None and latest.name == ckpt.step_name(run.step):
+        path = latest  # already saved at this step (the final save after a periodic one): same weights
+    else:
+        bad = [name for name, p in run.student.named_parameters() if not bool(torch.isfinite(p).all())]
+        if bad:  # never replace a good checkpoint with a broken one
+            raise TrainingStopped(f"step {run.step}: non-finite weights ({bad[0]}); not saved. The last good "
+                                  f"checkpoint in {run.run_dir} is kept")
+        state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+                 "prompt_order": run.prompt_order.state_dict(), "nonfinite_streak": run.nonfinite_streak,
+                 "rng": rng}
+        path = ckpt.save_checkpoint(run.run_dir, run.step, run.student, run.tokenizer, state,
+                                    run.config.checkpoint.keep_last)
+    ckpt.link_final(run.run_dir, path)
     return path
 
 
@@ -367,6 +427,8 @@ def train(config: Config, resume: Optional[str | Path] = None) -> dict[str, Any]
         before = evaluate_student(run)
         logger.log(0, before, kind="eval")
         (run.run_dir / "eval_before.json").write_text(json.dumps(before, indent=2))
+    elif run.step > 0 and (run.run_dir / "eval_before.json").is_file():  # resumed: evaluated once, read back
+        before = json.loads((run.run_dir / "eval_before.json").read_text())
     started = time.perf_counter()
     try:
         while run.step < config.train.steps:
@@ -383,6 +445,14 @@ def train(config: Config, resume: Optional[str | Path] = None) -> dict[str, Any]
                 logger.log(run.step, evaluate_student(run), kind="eval")
             if config.checkpoint.every and run.step % config.checkpoint.every == 0:
                 save(run)
+    except TrainingStopped:
+        # Skipped steps never change the weights, so the current ones are the last good ones;
+        # save them if the run has no checkpoint yet (an existing one is never overwritten).
+        if ckpt.latest_checkpoint(run.run_dir) is None:
+            run.nonfinite_streak = 0  # a resumed run (with a lower learning rate, say) starts afresh
+            with suppress(TrainingStopped):  # weights not finite after all: save nothing
+                save(run)
+        raise
     finally:
         logger.close()
     wall = time.perf_counter() - started
