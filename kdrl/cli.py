@@ -42,12 +42,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides.insert(0, recipe)
         recipe = None
     if args.resume:
-        from kdrl.config import load_config as load
-
+        if recipe is not None:
+            raise ConfigError(f"--resume continues with {args.resume}'s own config.yaml; give key=value "
+                              f"overrides only, not the recipe '{recipe}'")
         saved = Path(args.resume) / "config.yaml"
         if not saved.is_file():
             raise CheckpointError(f"{args.resume}: not a run directory (no config.yaml)")
-        config = load(saved, overrides)
+        config = load_config(saved, overrides)
     else:
         config = load_config(resolve_recipe(recipe), overrides)
     train(config, resume=args.resume)

@@ -60,18 +60,26 @@ def _row_to_problem(row: Any, where: str, index: int, fields: dict[str, str]) ->
                    metadata=metadata)
 
 
-def _read_jsonl(path: Path) -> Iterable[tuple[str, int, Any]]:
-    with path.open("r", encoding="utf-8") as handle:
-        row_index = 0  # ids default to the 0-based row number, as for Parquet
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
+def _lines(path: Path) -> Iterable[tuple[int, str]]:
+    with path.open("rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{path}:{line_number}: not valid JSON ({error.msg})") from None
-            yield f"{path}:{line_number}", row_index, row
-            row_index += 1
+                yield line_number, raw.decode("utf-8-sig" if line_number == 1 else "utf-8")  # a BOM is not data
+            except UnicodeDecodeError:
+                raise DataError(f"{path}:{line_number}: not UTF-8 text") from None
+
+
+def _read_jsonl(path: Path) -> Iterable[tuple[str, int, Any]]:
+    row_index = 0  # ids default to the 0-based row number, as for Parquet
+    for line_number, line in _lines(path):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}:{line_number}: not valid JSON ({error.msg})") from None
+        yield f"{path}:{line_number}", row_index, row
+        row_index += 1
 
 
 def _read_json(path: Path) -> Iterable[tuple[str, int, Any]]:
@@ -79,6 +87,8 @@ def _read_json(path: Path) -> Iterable[tuple[str, int, Any]]:
         rows = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise DataError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text") from None
     if not isinstance(rows, list):
         raise DataError(f"{path}: expected a JSON list of problems")
     for index, row in enumerate(rows):
@@ -101,7 +111,10 @@ def _read_hf_dataset_dir(path: Path, split: Optional[str]) -> Iterable[tuple[str
         import datasets
     except ImportError:
         raise DataError(f"{path}: reading a saved datasets directory needs `pip install datasets`") from None
-    dataset = datasets.load_from_disk(str(path))
+    try:
+        dataset = datasets.load_from_disk(str(path))
+    except (FileNotFoundError, ValueError, OSError) as error:
+        raise DataError(f"{path}: not a directory saved by datasets.save_to_disk ({error})") from None
     if isinstance(dataset, datasets.DatasetDict):
         split = split or ("train" if "train" in dataset else next(iter(dataset)))
         dataset = dataset[split]
