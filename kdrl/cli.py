@@ -64,7 +64,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from kdrl.models import load_model, load_tokenizer, pick_device
     from kdrl.rewards import combine_rewards
     from kdrl.rollout import make_engine
-    from kdrl.trainer import make_encoder, parse_reward_specs
+    from kdrl.trainer import make_encoder, parse_reward_specs, set_cpu_threads
     from kdrl.config import Config
 
     torch.manual_seed(args.seed)
@@ -78,6 +78,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         label, _, path = spec.rpartition("=") if "=" in spec else (spec, "", spec)
         tokenizer = load_tokenizer(path)
         model = load_model(path, ModelConfig(dtype=args.dtype), device, trainable=False)
+        set_cpu_threads(0, device, model)
         encode = make_encoder(tokenizer, config, 10 ** 9)
         engine = make_engine("hf", model=model, tokenizer=tokenizer, encode=encode,
                              generation_batch_size=args.batch_size)

@@ -160,6 +160,7 @@ def setup(config: Config, resume: Optional[str | Path] = None) -> Run:
     student = load_model(str(resume_from) if resume_from and not lora_resume else config.model.student,
                          config.model, device, trainable=True,
                          adapter=resume_from / "adapter" if lora_resume else None)
+    set_cpu_threads(config.train.cpu_threads, device, student)
     teacher = None
     if config.model.teacher is not None and (config.objective.kd_placement != "none"
                                              or config.rollout.policy == "teacher"):
@@ -239,6 +240,16 @@ def setup(config: Config, resume: Optional[str | Path] = None) -> Run:
     if state is not None:
         ckpt.set_rng_state(state["rng"])  # last: the generators continue exactly from the checkpoint moment
     return run
+
+
+def set_cpu_threads(threads: int, device: torch.device, student: torch.nn.Module) -> None:
+    if device.type != "cpu":
+        return
+    if threads == 0:  # auto (see TrainConfig.cpu_threads)
+        if sum(p.numel() for p in student.parameters()) >= 50_000_000:
+            return
+        threads = 1
+    torch.set_num_threads(threads)
 
 
 def seed_everything(seed: int) -> None:
