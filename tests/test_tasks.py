@@ -1,0 +1,118 @@
+"""The bundled chain task: generation, reference solver, local grader."""
+
+import json
+
+import pytest
+
+from kdrl.tasks import (
+    SPLITS,
+    ChainTaskConfig,
+    export_jsonl,
+    extract_boxed,
+    generate_problems,
+    is_correct,
+    load_jsonl,
+    solve,
+)
+
+
+@pytest.fixture(scope="module")
+def problems():
+    return {split: generate_problems(split, 400, seed=0) for split in SPLITS}
+
+
+def test_record_shape(problems):
+    for split, ps in problems.items():
+        assert len(ps) == 400
+        assert len({p["id"] for p in ps}) == 400
+        for p in ps:
+            assert set(p) == {"id", "prompt", "answer", "solution", "metadata"}
+            assert p["metadata"]["split"] == split
+            assert p["prompt"].endswith("=?\n")
+            assert p["answer"] in set("0123456789")
+            assert p["solution"].endswith(f"\\boxed{{{p['answer']}}}")
+            assert p["solution"].count("=") == p["metadata"]["steps"]
+
+
+def test_reference_solutions_are_correct(problems):
+    for ps in problems.values():
+        for p in ps:
+            assert is_correct(p, p["solution"])
+            assert solve(p["prompt"]) == (p["solution"], p["answer"])
+
+
+def test_solver_example():
+    assert solve("3+4*2-5=?\n") == ("3+4=7 7*2=4 4-5=9 \\boxed{9}", "9")
+    assert solve("9*9-0=?\n") == ("9*9=1 1-0=1 \\boxed{1}", "1")
+    with pytest.raises(ValueError):
+        solve("hello")
+
+
+def test_corrupted_solutions_fail(problems):
+    for p in problems["train"][:100]:
+        wrong = str((int(p["answer"]) + 1) % 10)
+        body = p["solution"].rsplit("\\boxed", 1)[0]
+        assert not is_correct(p, body + f"\\boxed{{{wrong}}}")
+        assert not is_correct(p, body + p["answer"])  # no box
+        assert not is_correct(p, body + f"\\boxed{{{p['answer']}")  # unclosed box
+        assert not is_correct(p, "")
+        # the last box counts
+        assert not is_correct(p, p["solution"] + f" \\boxed{{{wrong}}}")
+        assert is_correct(p, f"\\boxed{{{wrong}}} " + p["solution"])
+
+
+def test_extract_boxed():
+    assert extract_boxed("x \\boxed{3} y \\boxed{\\frac{1}{2}} z") == "\\frac{1}{2}"
+    assert extract_boxed("\\boxed{7} then \\boxed{8") == "7"
+    assert extract_boxed("no box") is None
+    assert extract_boxed(None) is None
+    assert extract_boxed("\\boxed{}") == ""
+
+
+def test_deterministic_from_seed():
+    for split in SPLITS:
+        a = generate_problems(split, 50, seed=3)
+        assert a == generate_problems(split, 50, seed=3)
+        assert [p["prompt"] for p in a] != [p["prompt"] for p in generate_problems(split, 50, seed=4)]
+
+
+def test_ood_is_longer_than_train(problems):
+    max_train = max(p["metadata"]["steps"] for p in problems["train"])
+    min_ood = min(p["metadata"]["steps"] for p in problems["test_ood"])
+    assert min_ood > max_train
+    cfg = ChainTaskConfig()
+    assert {p["metadata"]["steps"] for p in problems["train"]} == set(range(cfg.min_steps, cfg.max_steps + 1))
+    assert {p["metadata"]["steps"] for p in problems["test_id"]} == set(range(cfg.min_steps, cfg.max_steps + 1))
+
+
+def test_test_id_disjoint_from_train():
+    train = {p["prompt"] for p in generate_problems("train", 3000, seed=0)}
+    train |= {p["prompt"] for p in generate_problems("train", 3000, seed=1)}
+    test_id = generate_problems("test_id", 500, seed=0)
+    assert not train & {p["prompt"] for p in test_id}
+    assert len({p["prompt"] for p in test_id}) == 500  # distinct within the split
+
+
+def test_difficulty_knob_and_validation():
+    hard = ChainTaskConfig(difficulty=2)
+    assert hard.step_range("train") == (4, 7)
+    assert hard.step_range("test_ood") == (8, 10)
+    ps = generate_problems("train", 50, seed=0, config=hard)
+    assert min(p["metadata"]["steps"] for p in ps) >= 4
+    easy = ChainTaskConfig(min_steps=1, max_steps=2, ood_min_steps=3, ood_max_steps=3, ops="+")
+    for p in generate_problems("test_ood", 20, seed=0, config=easy):
+        assert p["metadata"]["steps"] == 3 and "*" not in p["prompt"] and "-" not in p["prompt"]
+    with pytest.raises(ValueError):
+        ChainTaskConfig(max_steps=6, ood_min_steps=6)
+    with pytest.raises(ValueError):
+        ChainTaskConfig(ops="/")
+    with pytest.raises(ValueError):
+        generate_problems("valid", 1, seed=0)
+
+
+def test_export_jsonl_roundtrip(tmp_path, problems):
+    path = tmp_path / "sub" / "train.jsonl"
+    export_jsonl(problems["train"][:10], path)
+    lines = path.read_text().splitlines()
+    assert len(lines) == 10 and json.loads(lines[0]) == problems["train"][0]
+    assert load_jsonl(path) == problems["train"][:10]
