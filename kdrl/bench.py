@@ -20,35 +20,56 @@ from kdrl.logger import read_metrics
 
 def run_benchmark(methods: list[str], seeds: list[int], out_dir: Path, overrides: list[str],
                   method_overrides: dict[str, list[str]], target_accuracy: float, command: str,
-                  recipes_dir: Path = Path("recipes")) -> dict:
-    from kdrl.trainer import train
-
+                  recipes_dir: Path = Path("recipes"), jobs: int = 1) -> dict:
+    """Train every (method, seed) pair; ``jobs`` > 1 runs that many at once in separate processes
+    (each run's own wall time then includes the sharing of the machine: say so when reporting)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    runs: dict[str, list[dict]] = {}
     started = time.perf_counter()
-    for method in methods:
-        for seed in seeds:
-            run_dir = out_dir / "runs" / f"{method}-seed{seed}"
-            summary_path = run_dir / "summary.json"
-            if summary_path.is_file():  # a finished run is reused: the benchmark can be resumed
-                summary = json.loads(summary_path.read_text())
-            else:
-                config = load_config(recipes_dir / f"{method}.yaml",
-                                     overrides + method_overrides.get(method, []) +
-                                     [f"train.seed={seed}", f"log.run_dir={run_dir}", "log.progress=false"])
-                t0 = time.perf_counter()
-                summary = train(config)
-                summary["wall_seconds"] = time.perf_counter() - t0
-                summary_path.write_text(json.dumps(summary, indent=2))
-            summary["curve"] = [r for r in read_metrics(run_dir) if r.get("kind") == "eval"]
-            runs.setdefault(method, []).append(summary)
+    pairs = [(method, seed) for method in methods for seed in seeds]
+    # Configs are loaded here, in the parent, so a bad recipe or override fails before any run starts.
+    configs = {(method, seed): load_config(recipes_dir / f"{method}.yaml",
+                                           overrides + method_overrides.get(method, []) +
+                                           [f"train.seed={seed}", f"log.run_dir={run_dir(out_dir, method, seed)}",
+                                            "log.progress=false"])
+               for method, seed in pairs}
+    todo = [pair for pair in pairs if not (run_dir(out_dir, *pair) / "summary.json").is_file()]
+    if jobs > 1 and len(todo) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            for future in [pool.submit(train_one, configs[pair]) for pair in todo]:
+                future.result()  # re-raises a failed run's error here
+    else:
+        for pair in todo:
+            train_one(configs[pair])
+    runs: dict[str, list[dict]] = {}
+    for method, seed in pairs:  # finished runs are read back: the benchmark can be resumed
+        directory = run_dir(out_dir, method, seed)
+        summary = json.loads((directory / "summary.json").read_text())
+        summary["curve"] = [r for r in read_metrics(directory) if r.get("kind") == "eval"]
+        runs.setdefault(method, []).append(summary)
     results = {"methods": methods, "seeds": seeds, "target_accuracy": target_accuracy, "command": command,
-               "overrides": overrides, "method_overrides": method_overrides,
+               "overrides": overrides, "method_overrides": method_overrides, "jobs": jobs,
                "total_seconds": time.perf_counter() - started, "rows": table_rows(runs, target_accuracy)}
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     (out_dir / "table.md").write_text(markdown(results) + "\n")
     plot_curves(runs, out_dir / "curves.png")
     return results
+
+
+def run_dir(out_dir: Path, method: str, seed: int) -> Path:
+    return out_dir / "runs" / f"{method}-seed{seed}"
+
+
+def train_one(config) -> None:
+    """One benchmark run; its summary.json (with the run's wall time) marks it finished."""
+    from kdrl.trainer import train
+
+    started = time.perf_counter()
+    summary = train(config)
+    summary["wall_seconds"] = time.perf_counter() - started
+    (Path(config.log.run_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
 
 
 def steps_to_reach(curve: list[dict], set_name: str, target: float) -> Optional[int]:

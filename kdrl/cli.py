@@ -117,7 +117,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         method_overrides.setdefault(method, []).append(override)
     command = "kdrl bench " + " ".join(shlex.quote(a) for a in args.argv)
     results = run_benchmark(args.methods, list(range(args.seeds)), Path(args.out), args.overrides,
-                            method_overrides, args.target, command)
+                            method_overrides, args.target, command, jobs=args.jobs)
     from kdrl.bench import markdown
 
     print(markdown(results))
@@ -173,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seeds", type=int, default=3)
     bench.add_argument("--target", type=float, default=0.5, help="accuracy for 'steps to reach'")
     bench.add_argument("--out", default="benchmarks/results/methods")
+    bench.add_argument("--jobs", type=int, default=1, help="runs trained at once, each in its own process")
     bench.add_argument("--method-override", action="append", default=[], metavar="METHOD:KEY=VALUE",
                        help="an override for one method only (e.g. kdrl:objective.beta.initial=0.01)")
     bench.add_argument("overrides", nargs="*", help="key=value overrides applied to every method")

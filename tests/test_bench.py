@@ -32,12 +32,15 @@ def test_majority_ties_break_by_first_seen():
     assert majority_answer([None, None]) is None
 
 
-def test_benchmark_toy(tiny_overrides, tmp_path):
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_benchmark_toy(tiny_overrides, tmp_path, jobs):
     from kdrl.bench import run_benchmark
 
     overrides = [o for o in tiny_overrides if not o.startswith("log.run_dir")] + [
         "train.steps=2", "eval.every=1", "eval.samples=2", "eval.temperature=1.0"]
-    results = run_benchmark(["grpo", "kd_rkl"], [0], tmp_path / "bench", overrides, {}, 0.5, "kdrl bench (test)")
+    results = run_benchmark(["grpo", "kd_rkl"], [0], tmp_path / "bench", overrides, {}, 0.5, "kdrl bench (test)",
+                            jobs=jobs)
+    assert results["jobs"] == jobs
     table = (tmp_path / "bench" / "table.md").read_text()
     assert "| grpo |" in table and "| kd_rkl |" in table
     assert "pass@2" in table and "response_length" in table
