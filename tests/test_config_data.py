@@ -9,10 +9,14 @@ from kdrl.config import Config, ConfigError, load_config, save_config
 from kdrl.data import DataError, PromptSampler, load_problems
 
 
-def test_defaults_are_the_kdrl_method():
+def test_defaults_are_the_kdrl_recipe():
+    """`kdrl train` with no arguments runs recipes/kdrl.yaml: same objective, same budget."""
     config = load_config()
     assert config.objective.advantage == "grpo"
-    assert config.objective.kd_placement == "loss" and config.objective.kd_estimator == "k2"
+    assert config.objective.kd_placement == "loss" and config.objective.kd_estimator == "rkl"
+    recipe = load_config("recipes/kdrl.yaml")
+    assert recipe.objective == config.objective and recipe.train == config.train
+    assert recipe.rollout == config.rollout
 
 
 def test_overrides_are_typed():
