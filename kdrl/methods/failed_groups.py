@@ -19,8 +19,6 @@ that did not fail are never touched.
 from __future__ import annotations
 
 import json
-from dataclasses import replace
-from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch

@@ -243,7 +243,8 @@ class CachedTeacher:
         rows = self.cache.rows_of(rollouts.problems)
         length = rollouts.response_ids.shape[1]
         stored = self.cache.tensors["response_ids"][rows, :length]
-        if not torch.equal(stored * rollouts.response_mask.long(), rollouts.response_ids * rollouts.response_mask.long()):
+        mask = rollouts.response_mask.long()
+        if not torch.equal(stored * mask, rollouts.response_ids * mask):
             raise ValueError("CachedTeacher: these rollouts are not the cached responses")
         return TeacherOutput(token_logprobs=self.cache.tensors["teacher_logprobs"][rows, :length]
                              * rollouts.response_mask)
