@@ -1,4 +1,4 @@
-"""The ``kdrl`` command: train, eval, prepare-demo, plot.
+"""The ``kdrl`` command: train, eval, prepare-demo, plot, bench, cache-teacher.
 
 User mistakes (bad recipe keys, malformed data, incompatible tokenizers) end with one line on
 stderr and exit status 2; no traceback.
@@ -52,6 +52,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         config = load_config(resolve_recipe(recipe), overrides)
     train(config, resume=args.resume)
+    return 0
+
+
+def cmd_cache_teacher(args: argparse.Namespace) -> int:
+    from kdrl.methods.teacher_cache import build_teacher_cache
+
+    config = load_config(resolve_recipe(args.recipe), args.overrides)
+    if args.out:
+        config.teacher_cache.path = args.out
+    folder = build_teacher_cache(config)
+    print(f"kdrl: teacher cache of {config.teacher_cache.num_prompts} prompts x {config.rollout.group_size} "
+          f"responses written to {folder}; train with teacher_cache.path={folder}", flush=True)
     return 0
 
 
@@ -178,6 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="an override for one method only (e.g. kdrl:objective.beta.initial=0.01)")
     bench.add_argument("overrides", nargs="*", help="key=value overrides applied to every method")
     bench.set_defaults(func=cmd_bench)
+
+    cache = commands.add_parser("cache-teacher", help="sample responses once and store the teacher's log-probs "
+                                "(Lightning OPD: training then loads no teacher)")
+    cache.add_argument("recipe", help="recipe YAML or preset name (e.g. lightning_opd)")
+    cache.add_argument("overrides", nargs="*", help="dotted key=value overrides, as for the training run")
+    cache.add_argument("--out", help="cache directory (default: the recipe's teacher_cache.path)")
+    cache.set_defaults(func=cmd_cache_teacher)
 
     plot = commands.add_parser("plot", help="plot a run's curves to PNG")
     plot.add_argument("run_dir")

@@ -112,6 +112,10 @@ class ObjectiveConfig:
     kd_gamma: float = 0.0  # advantage placement: discount of the future KD sum (0 = per token)
     jsd_beta: float = 0.5  # generalised JSD interpolation (see objective.divergences)
     kd_mask: Literal["none", "incorrect", "group_all_wrong"] = "none"
+    # policy gradient on off-policy rows (e.g. AMPO's teacher solutions): "none" = the clipped ratio
+    # term as on any row; "shaped" = −A·f(π_θ), f(p) = p/(p + γ), no ratio, no clip (METHODS.md §6 ampo)
+    offpolicy_pg: Literal["none", "shaped"] = "none"
+    offpolicy_shaping_gamma: float = 0.1  # γ of the shaping f(p) = p/(p + γ)
     beta: BetaConfig = field(default_factory=BetaConfig)
     offpolicy_ratio_cap: float = 2.0  # c in sg(min(rho, c)) on the k2 gradient (assumption)
     # likelihood on the sampled rows (SFT on teacher traces; "correct" = rejection sampling)
@@ -122,6 +126,49 @@ class ObjectiveConfig:
     ref_kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     entropy_coef: float = 0.0
     chunk_size: int = 1024  # positions per chunk for vocabulary-wide terms
+
+
+@dataclass
+class FailedGroupsConfig:
+    """What to do with a group in which every response failed (METHODS.md §6 ampo, ghpo)."""
+
+    action: Literal["none", "hint", "teacher_solutions"] = "none"
+    # ghpo: resample with the first fraction of the reference solution's characters appended to the
+    # prompt, level by level, stopping at the first level where a response succeeds
+    hint_fractions: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
+    hint_template: str = "{hint}"  # appended to the prompt; the bundled model continues the partial solution
+    # ampo: replace this many rows of the group by stored teacher solutions (reward 1, off-policy rows)
+    replace: int = 2
+    solutions_from_data: bool = True  # use the problem's own solution field
+    solution_files: list[str] = field(default_factory=list)  # JSONL of {id, solution}: one file per teacher
+
+
+@dataclass
+class TeacherCacheConfig:
+    """Lightning OPD: responses sampled once and the teacher's log-probs stored (``kdrl cache-teacher``)."""
+
+    path: Optional[str] = None  # a directory written by `kdrl cache-teacher`; set: no teacher is loaded
+    # prompts sampled into the cache, each with rollout.group_size responses; 512 builds in ~2 minutes
+    # on one CPU core for the bundled models (measured 53 s for 256)
+    num_prompts: int = 512
+    # log pi_old of the ratio and the k1 advantage: "recompute" = the current student's (default),
+    # "cached" = the initial student's, stored with the responses
+    old_logprobs: Literal["recompute", "cached"] = "recompute"
+
+
+@dataclass
+class TeacherRoute:
+    match: list[str] = field(default_factory=lambda: ["*"])  # values of the route_by field; "*" = any
+    teacher: Optional[str] = None  # a model path; None = model.teacher
+    beta: float = 1.0  # this route's KD coefficient, multiplying objective.beta
+
+
+@dataclass
+class TeachersConfig:
+    """Several teachers: one per problem, chosen by a data field (METHODS.md §6, several teachers)."""
+
+    route_by: Optional[str] = None  # a problem field or metadata key, e.g. "domain"
+    routes: list[TeacherRoute] = field(default_factory=list)  # first match wins
 
 
 @dataclass
@@ -185,6 +232,9 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    failed_groups: FailedGroupsConfig = field(default_factory=FailedGroupsConfig)
+    teacher_cache: TeacherCacheConfig = field(default_factory=TeacherCacheConfig)
+    teachers: TeachersConfig = field(default_factory=TeachersConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -340,8 +390,18 @@ def validate(config: Config) -> Config:
         (config.objective.chunk_size >= 1, "objective.chunk_size", "must be at least 1"),
         (config.objective.ref_kl_coef == 0 or config.model.reference is not None, "model.reference",
          "must be set when objective.ref_kl_coef > 0 (a path, or 'student' for the initial student)"),
-        (config.objective.kd_placement == "none" or config.model.teacher is not None, "model.teacher",
+        (config.objective.kd_placement == "none" or config.model.teacher is not None or config.teachers.routes
+         or config.teacher_cache.path is not None, "model.teacher",
          "must be set when objective.kd_placement is not none"),
+        (config.objective.offpolicy_shaping_gamma > 0, "objective.offpolicy_shaping_gamma", "must be positive"),
+        (config.failed_groups.replace >= 1, "failed_groups.replace", "must be at least 1"),
+        (config.failed_groups.replace < config.rollout.group_size
+         or config.failed_groups.action != "teacher_solutions", "failed_groups.replace", "must be below rollout.group_size (some rows stay the student's own)"),
+        (all(0.0 < f <= 1.0 for f in config.failed_groups.hint_fractions), "failed_groups.hint_fractions",
+         "must lie in (0, 1]"),
+        (config.teacher_cache.num_prompts >= 1, "teacher_cache.num_prompts", "must be at least 1"),
+        (not config.teachers.routes or config.teachers.route_by, "teachers.route_by",
+         "must name the data field that picks a teacher when teachers.routes is set"),
         (config.rollout.policy != "teacher" or config.model.teacher is not None, "model.teacher",
          "must be set when rollout.policy=teacher"),
         (config.train.steps >= 0, "train.steps", "must not be negative"),

@@ -30,6 +30,7 @@ from kdrl.config import Config, ConfigError, save_config
 from kdrl.data import DataError, PromptSampler, format_prompt, load_problems
 from kdrl.evaluate import evaluate_problems
 from kdrl.logger import MetricsLogger, plot_run
+from kdrl.methods import attach, load_method_inputs
 from kdrl.models import (ModelError, check_tokenizers_compatible, context_length, load_model, load_tokenizer,
                          logit_scale, output_projection, pick_device, response_hidden_states)
 from kdrl.objective import Objective
@@ -68,6 +69,7 @@ class Run:
     sampling_engine: Any = None  # generates the training rollouts (the teacher for SFT on teacher traces)
     teacher_scorer: Optional[LocalTeacher] = None
     reference_scorer: Optional[LocalTeacher] = None
+    failed_groups: Any = None  # what to do with groups in which every response failed (ghpo, ampo)
 
 
 def parse_reward_specs(specs: list[str]) -> list[tuple[str, float]]:
@@ -162,8 +164,8 @@ def setup(config: Config, resume: Optional[str | Path] = None) -> Run:
                          adapter=resume_from / "adapter" if lora_resume else None)
     set_cpu_threads(config.train.cpu_threads, device, student)
     teacher = None
-    if config.model.teacher is not None and (config.objective.kd_placement != "none"
-                                             or config.rollout.policy == "teacher"):
+    if config.model.teacher is not None and config.teacher_cache.path is None and not config.teachers.routes \
+            and (config.objective.kd_placement != "none" or config.rollout.policy == "teacher"):
         teacher = load_model(config.model.teacher, config.model, device, trainable=False)
         check_tokenizers_compatible(tokenizer, load_tokenizer(config.model.teacher, config.model.trust_remote_code),
                                     "teacher", student, teacher)
@@ -197,6 +199,8 @@ def setup(config: Config, resume: Optional[str | Path] = None) -> Run:
                           max_response_len=config.rollout.max_new_tokens,
                           correct_threshold=config.reward.correct_threshold,
                           temperature=config.rollout.temperature)
+    methods = load_method_inputs(config, train_problems, tokenizer, student, device, objective)  # METHODS.md §6
+    train_problems = methods.train_problems  # the cached prompts when training from a teacher cache
     trainable = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.train.learning_rate, weight_decay=config.train.weight_decay,
                                   betas=(config.train.adam_beta1, config.train.adam_beta2))
@@ -237,6 +241,7 @@ def setup(config: Config, resume: Optional[str | Path] = None) -> Run:
     run.reference_scorer = LocalTeacher(reference, config.train.micro_batch_size, config.objective.chunk_size,
                                         config.rollout.temperature) \
         if reference is not None else None
+    attach(run, methods)  # teacher cache replay, routed teachers, failed-group action
     if state is not None:
         ckpt.set_rng_state(state["rng"])  # last: the generators continue exactly from the checkpoint moment
     return run
@@ -303,7 +308,9 @@ def make_batch(run: Run, rollouts: Rollouts, rewards: torch.Tensor, teacher_out,
         teacher_hidden=teacher_out.hidden_states if teacher_out is not None else None,
         teacher_output_weight=teacher_out.output_weight if teacher_out is not None else None,
         reference_logprobs=reference_out.token_logprobs if reference_out is not None else None,
-        on_policy=torch.full((rollouts.num_rows,), 1.0 if run.config.rollout.policy == "student" else 0.0))
+        kd_coef=teacher_out.kd_coef if teacher_out is not None else None,
+        on_policy=torch.tensor([float(run.config.rollout.policy == "student" and source == "policy")
+                                for source in rollouts.sources or ["policy"] * rollouts.num_rows]))
 
 
 def student_forward(run: Run, batch: TrainBatch) -> StudentOutput:
@@ -373,6 +380,8 @@ def training_step(run: Run) -> dict[str, Any]:
         rollouts = run.sampling_engine.generate(problems, config.rollout.group_size, sampling)
     with timed(timings, "reward"):
         rewards = score_rewards(run, rollouts)
+    with timed(timings, "failed_groups"):  # ghpo hints / ampo teacher solutions where a whole group failed
+        rollouts, rewards, rescue_metrics = run.failed_groups(rollouts, rewards, sampling)
     with timed(timings, "teacher"):
         teacher_out = run.teacher_scorer.score(rollouts, need_hidden=run.objective.needs_teacher_hidden) \
             if run.objective.needs_teacher else None
@@ -381,7 +390,7 @@ def training_step(run: Run) -> dict[str, Any]:
     with timed(timings, "train"):
         update_metrics = update(run, batch)
     run.step += 1
-    return {**step_metrics(run, rollouts, rewards, batch), **update_metrics, **timings,
+    return {**step_metrics(run, rollouts, rewards, batch), **rescue_metrics, **update_metrics, **timings,
             "tokens_per_second": float(rollouts.response_mask.sum()) / max(1e-9, sum(timings.values())),
             "_rollouts": rollouts, "_rewards": rewards}
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from kdrl.config import load_config
+from kdrl.methods.teacher_cache import build_teacher_cache
 from kdrl.trainer import train
 
 RECIPES = sorted(p.stem for p in (Path(__file__).parent.parent / "recipes").glob("*.yaml"))
@@ -34,6 +35,9 @@ def test_three_steps_of_every_recipe(recipe, tiny_overrides, tiny_assets, tmp_pa
     overrides = tiny_overrides + [VARIED_REWARD, "reward.correct_threshold=1.0"]
     if recipe == "sft":
         overrides.append("objective.nll_rows=all")  # the random teacher is never correct
+    if recipe == "lightning_opd":  # trains from a teacher cache: build a small one first
+        overrides += ["teacher_cache.num_prompts=4", f"teacher_cache.path={tmp_path / 'cache'}"]
+        build_teacher_cache(load_config(Path("recipes") / f"{recipe}.yaml", overrides))
     config = load_config(Path("recipes") / f"{recipe}.yaml", overrides)
     summary = train(config)
     run_dir = Path(summary["run_dir"])

@@ -16,6 +16,7 @@ import torch
 from kdrl.config import ObjectiveConfig
 from kdrl.objective.advantages import ADVANTAGES
 from kdrl.objective.divergences import SAMPLED_KL, VOCAB_DIVERGENCES, check_loss_estimator, upcast, vocab_terms_chunked
+from kdrl.objective.offpolicy import shaped_offpolicy_pg
 from kdrl.objective.schedules import BETA_SCHEDULES, beta_at
 from kdrl.objective.weights import KD_MASKS, LOSS_AGGREGATIONS, identity
 from kdrl.types import StudentOutput, TrainBatch
@@ -64,6 +65,11 @@ def discounted_future_sum(values: Tensor, mask: Tensor, gamma: float) -> Tensor:
 def kd_advantage(sampler_logprobs: Tensor, teacher_logprobs: Tensor, mask: Tensor, gamma: float) -> Tensor:
     """D_{i,t} = sg(s_old − τ): the sampled reverse-KL k1 with the SAMPLER's log-probs (OPD, METHODS.md §3)."""
     return discounted_future_sum((upcast(sampler_logprobs) - upcast(teacher_logprobs)).detach(), mask, gamma)
+
+
+def kd_row_coef(batch: TrainBatch) -> Tensor | float:
+    """The per-row KD coefficient (several teachers, each with its own β multiplier), 1 if unset."""
+    return 1.0 if batch.kd_coef is None else upcast(batch.kd_coef)
 
 
 # --------------------------------------------------------------------------- the objective
@@ -128,7 +134,7 @@ class Objective:
             if batch.teacher_logprobs is None:
                 raise ValueError("kd_placement=advantage needs batch.teacher_logprobs")
             kd = kd_advantage(batch.sampler_logprobs, batch.teacher_logprobs, mask, cfg.kd_gamma)
-            advantages = advantages - beta * kd_mask[:, None] * kd
+            advantages = advantages - beta * (kd_mask * kd_row_coef(batch))[:, None] * kd
         correct = (rewards >= self.correct_threshold).to(rewards.dtype)
         nll_mask = torch.ones_like(rewards) if cfg.nll_rows == "all" else correct  # "correct": rejection sampling
         token_weights = LOSS_AGGREGATIONS[cfg.loss_agg](mask, self.max_response_len, self.all_reduce_sum)
@@ -182,8 +188,12 @@ class Objective:
 
         # per-token terms [N]
         pg = policy_gradient_loss(ratio, advantages, cfg.clip_eps_low, cfg.clip_eps_high)  # §4
+        if cfg.offpolicy_pg == "shaped" and batch.on_policy is not None:  # §6 ampo: −A·f(π_θ) on teacher rows
+            pg = torch.where(per_token(batch.on_policy == 0),
+                             shaped_offpolicy_pg(s, advantages, cfg.offpolicy_shaping_gamma), pg)
         kd_value = self._kd_value(s, teacher, divergence)  # k(Δ_t), §2
-        kd = batch.beta * per_token(upcast(batch.kd_mask)) * self._sampled_correction(is_weight) * kd_value  # §3
+        kd = batch.beta * per_token(upcast(batch.kd_mask) * kd_row_coef(batch)) * self._sampled_correction(is_weight) \
+            * kd_value  # §3
         ref_kl = self._ref_kl(s, batch, valid)  # §4, optional
         nll = per_token(upcast(batch.nll_mask)) * -s  # SFT / rejection sampling
 

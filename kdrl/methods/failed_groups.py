@@ -1,0 +1,180 @@
+"""A group in which every response failed has zero advantage and teaches nothing (METHODS.md §1).
+Two methods rescue it (METHODS.md §6):
+
+- ``hint`` (GHPO): resample the group with the first 25%, then 50%, then 75% of the reference
+  solution's characters appended to the prompt, stopping at the first level where any response
+  succeeds. The hinted rows replace the group (the student sampled them: on-policy rows of the
+  hinted prompt). If no level succeeds, the original group is kept (assumption: the hints are
+  then no better than no hint, and the group has zero advantage either way).
+- ``teacher_solutions`` (AMPO): replace ``k`` rows of the group (2 of 8) by stored teacher
+  solutions (reward from the verifier, 1 for a correct one). They are off-policy rows: the
+  objective's ``offpolicy_pg: shaped`` trains them with −A·p/(p+γ) (kdrl.objective.offpolicy).
+  Solutions come from the problem's own ``solution`` field and/or JSONL files, one per teacher;
+  one that the verifier rejects, or that is longer than rollout.max_new_tokens, is skipped.
+  With fewer verified solutions than k, they are used in turn (assumption).
+
+``action(rollouts, rewards, sampling) -> (rollouts, rewards, metrics)``; the rows of groups
+that did not fail are never touched.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Callable, Optional
+
+import torch
+
+from kdrl.data import DataError, resolve_data_path
+from kdrl.methods.rows import Row, pack, subset, unpack
+from kdrl.rollout import SamplingParams
+from kdrl.types import Problem, Rollouts
+
+Tensor = torch.Tensor
+FailedGroupAction = Callable[[Rollouts, Tensor, SamplingParams], tuple[Rollouts, Tensor, dict[str, float]]]
+
+
+def all_failed_groups(rewards: Tensor, group_size: int, correct_threshold: float) -> list[int]:
+    """Indices of the groups in which no response reached the correct threshold."""
+    correct = (rewards >= correct_threshold).reshape(-1, group_size)
+    return [int(g) for g in torch.nonzero(~correct.any(1)).flatten()]
+
+
+def score(reward_fn: Any, rollouts: Rollouts) -> Tensor:
+    return torch.tensor([float(reward_fn(rollouts.problems[b // rollouts.group_size], rollouts.response_texts[b]))
+                         for b in range(rollouts.num_rows)])
+
+
+def no_action(rollouts: Rollouts, rewards: Tensor, sampling: SamplingParams):
+    return rollouts, rewards, {}
+
+
+# --------------------------------------------------------------------------- ghpo
+
+def hint_text(solution: str, fraction: float, template: str = "{hint}") -> str:
+    """The first ``floor(fraction · len(solution))`` characters of the solution, in the template."""
+    return template.format(hint=solution[:int(len(solution) * fraction)])
+
+
+class HintResampler:
+    """GHPO: resample all-failed groups with a growing hint (see the module docstring)."""
+
+    def __init__(self, engine: Any, reward_fn: Any, fractions: list[float], template: str,
+                 correct_threshold: float, pad_id: int):
+        self.engine, self.reward_fn, self.fractions = engine, reward_fn, sorted(fractions)
+        self.template, self.correct_threshold, self.pad_id = template, correct_threshold, pad_id
+
+    def __call__(self, rollouts: Rollouts, rewards: Tensor, sampling: SamplingParams):
+        size = rollouts.group_size
+        failed = all_failed_groups(rewards, size, self.correct_threshold)
+        pending = [g for g in failed if rollouts.problems[g].solution]
+        levels = [0.0] * len(rollouts.problems)  # hint fraction that rescued each group (0: none)
+        rows, rewards = unpack(rollouts), rewards.clone()
+        for fraction in self.fractions:
+            if not pending:
+                break
+            problems = [rollouts.problems[g] for g in pending]
+            hinted = self.engine.generate(problems, size, sampling, prompt_suffixes=[
+                hint_text(p.solution, fraction, self.template) for p in problems])
+            hinted_rewards, hinted_rows = score(self.reward_fn, hinted), unpack(hinted)
+            still = []
+            for j, g in enumerate(pending):
+                block = hinted_rewards[j * size:(j + 1) * size]
+                if bool((block >= self.correct_threshold).any()):
+                    rows[g * size:(g + 1) * size] = hinted_rows[j * size:(j + 1) * size]
+                    rewards[g * size:(g + 1) * size] = block
+                    levels[g] = fraction
+                else:
+                    still.append(g)
+            pending = still
+        rescued = [level for level in levels if level > 0]
+        metrics = {"failed_group_fraction": len(failed) / len(levels),
+                   "hint_rescued_fraction": len(rescued) / len(levels),
+                   "hint_level": sum(rescued) / len(rescued) if rescued else 0.0}
+        if not rescued:
+            return rollouts, rewards, metrics
+        return pack(rows, rollouts.problems, size, self.pad_id), rewards, metrics
+
+
+# --------------------------------------------------------------------------- ampo
+
+def load_solution_files(paths: list[str], solution_field: str = "solution") -> dict[str, list[str]]:
+    """{problem id: [solution, ...]} from JSONL files of ``{"id": ..., "solution": ...}`` (one per teacher)."""
+    pools: dict[str, list[str]] = {}
+    for spec in paths:
+        path = resolve_data_path(spec)
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+            if not isinstance(row, dict) or row.get("id") is None or not isinstance(row.get(solution_field), str):
+                raise DataError(f"{path}:{number}: a teacher solution needs 'id' and a string '{solution_field}'")
+            pools.setdefault(str(row["id"]), []).append(row[solution_field])
+    return pools
+
+
+class TeacherSolutionReplacer:
+    """AMPO: the last ``k`` rows of each all-failed group become verified teacher solutions."""
+
+    def __init__(self, k: int, solution_pools: dict[str, list[str]], solutions_from_data: bool, reward_fn: Any,
+                 tokenizer: Any, student_scorer: Any, correct_threshold: float, max_new_tokens: int):
+        self.k, self.pools, self.from_data = k, solution_pools, solutions_from_data
+        self.reward_fn, self.tokenizer, self.student_scorer = reward_fn, tokenizer, student_scorer
+        self.correct_threshold, self.max_new_tokens = correct_threshold, max_new_tokens
+        self._verified: dict[str, list[tuple[str, list[int], float]]] = {}
+
+    def verified(self, problem: Problem) -> list[tuple[str, list[int], float]]:
+        """(text, token ids + EOS, reward) of the problem's solutions the verifier accepts."""
+        if problem.id not in self._verified:
+            texts = ([problem.solution] if self.from_data and problem.solution else []) + self.pools.get(problem.id, [])
+            kept = []
+            for text in texts:
+                ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+                reward = float(self.reward_fn(problem, text))
+                if reward >= self.correct_threshold and len(ids) <= self.max_new_tokens:
+                    kept.append((text, ids, reward))
+            self._verified[problem.id] = kept
+        return self._verified[problem.id]
+
+    def __call__(self, rollouts: Rollouts, rewards: Tensor, sampling: Optional[SamplingParams] = None):
+        size = rollouts.group_size
+        failed = all_failed_groups(rewards, size, self.correct_threshold)
+        rows, rewards, replaced = unpack(rollouts), rewards.clone(), []
+        for g in failed:
+            solutions = self.verified(rollouts.problems[g])
+            for j in range(self.k if solutions else 0):
+                text, ids, reward = solutions[j % len(solutions)]
+                b = (g + 1) * size - self.k + j
+                rows[b] = Row(rows[b].prompt_ids, torch.tensor(ids), torch.zeros(len(ids)), text, False,
+                              "teacher_solution")
+                rewards[b] = reward
+                replaced.append(b)
+        metrics = {"failed_group_fraction": len(failed) / len(rollouts.problems),
+                   "teacher_row_fraction": len(replaced) / rollouts.num_rows}
+        if not replaced:
+            return rollouts, rewards, metrics
+        packed = pack(rows, rollouts.problems, size, self.tokenizer.pad_token_id)
+        # log pi_old of a teacher row: the current student's (ratio 1 at the first update when
+        # offpolicy_pg=none; unused by the shaped term)
+        index = torch.tensor(replaced)
+        current = self.student_scorer.score(subset(packed, index)).token_logprobs
+        packed.sampler_logprobs[index] = current.to(packed.sampler_logprobs.dtype)
+        return packed, rewards, metrics
+
+
+# --------------------------------------------------------------------------- registry
+
+def make_failed_group_action(config: Any, engine: Any, reward_fn: Any, tokenizer: Any, student_scorer: Any,
+                             solution_pools: Optional[dict[str, list[str]]] = None) -> FailedGroupAction:
+    options = config.failed_groups
+    threshold = config.reward.correct_threshold
+    actions: dict[str, Callable[[], FailedGroupAction]] = {
+        "none": lambda: no_action,
+        "hint": lambda: HintResampler(engine, reward_fn, options.hint_fractions, options.hint_template, threshold,
+                                      tokenizer.pad_token_id),
+        "teacher_solutions": lambda: TeacherSolutionReplacer(
+            options.replace, solution_pools or {}, options.solutions_from_data, reward_fn, tokenizer,
+            student_scorer, threshold, config.rollout.max_new_tokens),
+    }
+    return actions[options.action]()

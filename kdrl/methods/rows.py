@@ -1,0 +1,67 @@
+"""Rollouts taken apart into rows and put back together, re-padded (prompts left, responses right).
+
+Used where rows of a group are replaced by others with a different prompt (GHPO's hinted
+prompts) or a different response (AMPO's teacher solutions).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kdrl.types import Problem, Rollouts
+
+
+@dataclass
+class Row:
+    prompt_ids: torch.Tensor  # [p] long, no padding
+    response_ids: torch.Tensor  # [r] long, up to and including EOS (or the budget), no padding
+    sampler_logprobs: torch.Tensor  # [r]
+    text: str
+    truncated: bool
+    source: str
+
+
+def unpack(rollouts: Rollouts) -> list[Row]:
+    rows = []
+    for b in range(rollouts.num_rows):
+        prompt = rollouts.prompt_ids[b][rollouts.prompt_mask[b].bool()]
+        length = int(rollouts.response_mask[b].sum())  # the mask is a prefix of ones
+        source = rollouts.sources[b] if rollouts.sources else "policy"
+        rows.append(Row(prompt, rollouts.response_ids[b, :length], rollouts.sampler_logprobs[b, :length],
+                        rollouts.response_texts[b], bool(rollouts.truncated[b]), source))
+    return rows
+
+
+def pack(rows: list[Row], problems: list[Problem], group_size: int, pad_id: int) -> Rollouts:
+    """Rollouts of ``rows`` (row b answers ``problems[b // group_size]``)."""
+    width = max(len(row.prompt_ids) for row in rows)
+    length = max(1, max(len(row.response_ids) for row in rows))
+    count = len(rows)
+    prompt_ids = torch.full((count, width), pad_id, dtype=torch.long)
+    prompt_mask = torch.zeros((count, width), dtype=torch.long)
+    response_ids = torch.full((count, length), pad_id, dtype=torch.long)
+    response_mask = torch.zeros((count, length))
+    sampler_logprobs = torch.zeros((count, length))
+    for b, row in enumerate(rows):
+        p, r = len(row.prompt_ids), len(row.response_ids)
+        prompt_ids[b, width - p:] = row.prompt_ids
+        prompt_mask[b, width - p:] = 1
+        response_ids[b, :r] = row.response_ids
+        response_mask[b, :r] = 1.0
+        sampler_logprobs[b, :r] = row.sampler_logprobs.float()
+    return Rollouts(problems=list(problems), group_size=group_size, prompt_ids=prompt_ids, prompt_mask=prompt_mask,
+                    response_ids=response_ids, response_mask=response_mask, sampler_logprobs=sampler_logprobs,
+                    response_texts=[row.text for row in rows], truncated=torch.tensor([row.truncated for row in rows]),
+                    sources=[row.source for row in rows])
+
+
+def subset(rollouts: Rollouts, rows: torch.Tensor) -> Rollouts:
+    """The given rows, same widths, each its own group of one (for scoring part of a batch)."""
+    index = rows.tolist()
+    return Rollouts(problems=[rollouts.problems[b // rollouts.group_size] for b in index], group_size=1,
+                    prompt_ids=rollouts.prompt_ids[rows], prompt_mask=rollouts.prompt_mask[rows],
+                    response_ids=rollouts.response_ids[rows], response_mask=rollouts.response_mask[rows],
+                    sampler_logprobs=rollouts.sampler_logprobs[rows],
+                    response_texts=[rollouts.response_texts[b] for b in index], truncated=rollouts.truncated[rows],
+                    sources=[rollouts.sources[b] for b in index] if rollouts.sources else [])

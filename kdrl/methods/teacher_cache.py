@@ -1,0 +1,250 @@
+"""Lightning OPD (METHODS.md §6 ``lightning_opd``): responses sampled once, teacher scored once.
+
+``kdrl cache-teacher RECIPE [key=value ...] --out DIR`` samples ``teacher_cache.num_prompts``
+prompts of ``data.train`` (in the run's data order) ``rollout.group_size`` times from the
+INITIAL student, scores every response token with the teacher, and writes
+
+    DIR/rollouts.safetensors   prompt/response ids and masks, the sampler's and the teacher's
+                               per-token log-probs, rows grouped by prompt
+    DIR/manifest.json          sha256 of the student's and the teacher's model files and of the
+                               data file, the sampling settings, the problem ids
+
+Training with ``teacher_cache.path=DIR`` loads no teacher: the cache replays the stored
+responses (``CachedRolloutEngine``) and their teacher log-probs (``CachedTeacher``). A cache
+whose manifest does not match the run is refused, naming the field that differs.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from kdrl.config import Config, ConfigError
+from kdrl.data import resolve_data_path
+from kdrl.models import resolve_model_path
+from kdrl.rollout import SamplingParams
+from kdrl.types import Problem, Rollouts, TeacherOutput
+
+ROLLOUTS_FILE = "rollouts.safetensors"
+MANIFEST_FILE = "manifest.json"
+MODEL_FILES = ("config.json", "*.safetensors", "pytorch_model*.bin")  # what makes the model, not its tokenizer
+FORMAT = 1
+
+
+class TeacherCacheError(ConfigError):
+    """The cache is missing or was made for another run; the message says how to rebuild it."""
+
+
+# --------------------------------------------------------------------------- fingerprints
+
+def sha256_of_files(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.name.encode() + b"\0")
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def model_sha256(spec: str) -> str:
+    folder = resolve_model_path(spec)
+    return sha256_of_files(sorted({p for pattern in MODEL_FILES for p in folder.glob(pattern)}))
+
+
+def data_sha256(spec: str) -> str:
+    path = resolve_data_path(spec)
+    return sha256_of_files(sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path])
+
+
+def expected_manifest(config: Config) -> dict[str, Any]:
+    """What a cache for this run must record (everything but the problem ids)."""
+    return {
+        "student": model_sha256(config.model.student),
+        "teacher": model_sha256(config.model.teacher) if config.model.teacher else None,
+        "data": data_sha256(config.data.train),
+        "sampling": {
+            "num_prompts": config.teacher_cache.num_prompts, "group_size": config.rollout.group_size,
+            "temperature": config.rollout.temperature, "top_p": config.rollout.top_p,
+            "max_new_tokens": config.rollout.max_new_tokens, "seed": config.train.seed,
+            "shuffle": config.data.shuffle, "prompt_template": config.data.prompt_template,
+            "chat_template": config.data.chat_template, "system_prompt": config.data.system_prompt,
+        },
+    }
+
+
+def build_command(config: Config, path: str) -> str:
+    return f"kdrl cache-teacher recipes/{config.name}.yaml --out {path}"
+
+
+def mismatches(recorded: dict[str, Any], expected: dict[str, Any], prefix: str = "") -> list[tuple[str, Any, Any]]:
+    out = []
+    for key, value in expected.items():
+        if isinstance(value, dict):
+            out += mismatches(recorded.get(key) or {}, value, f"{prefix}{key}.")
+        elif recorded.get(key) != value:
+            out.append((prefix + key, recorded.get(key), value))
+    return out
+
+
+# --------------------------------------------------------------------------- building
+
+def build_teacher_cache(config: Config, out: Optional[str] = None) -> Path:
+    """Sample, score and write the cache (``kdrl cache-teacher``); returns its directory."""
+    from safetensors.torch import save_file
+
+    from kdrl.data import PromptSampler, load_problems
+    from kdrl.methods.rows import pack, unpack
+    from kdrl.models import check_tokenizers_compatible, load_model, load_tokenizer, pick_device
+    from kdrl.rollout import make_engine
+    from kdrl.teachers import LocalTeacher
+    from kdrl.trainer import make_encoder, seed_everything, set_cpu_threads
+
+    target = out or config.teacher_cache.path
+    if not target:
+        raise ConfigError("teacher_cache.path: give the cache directory (--out DIR or teacher_cache.path=DIR)")
+    if config.model.teacher is None:
+        raise ConfigError("model.teacher: a teacher is needed to build a teacher cache")
+    seed_everything(config.train.seed)
+    device = pick_device(config.train.device)
+    tokenizer = load_tokenizer(config.model.student, config.model.trust_remote_code)
+    problems = load_problems(config.data.train, config.data.prompt_field, config.data.answer_field,
+                             config.data.solution_field)
+    manifest = expected_manifest(config)  # hashed before sampling: the inputs as they were read
+    order = PromptSampler(len(problems), config.train.seed, config.data.shuffle)
+    chosen = [problems[i] for i in order.next(min(config.teacher_cache.num_prompts, len(problems)))]
+    student = load_model(config.model.student, config.model, device, trainable=False)
+    teacher = load_model(config.model.teacher, config.model, device, trainable=False)
+    check_tokenizers_compatible(tokenizer, load_tokenizer(config.model.teacher, config.model.trust_remote_code),
+                                "teacher", student, teacher)
+    set_cpu_threads(config.train.cpu_threads, device, student)
+    engine = make_engine(config.rollout.engine, model=student, tokenizer=tokenizer,
+                         encode=make_encoder(tokenizer, config, config.data.max_prompt_tokens),
+                         generation_batch_size=config.rollout.generation_batch_size)
+    scorer = LocalTeacher(teacher, config.train.micro_batch_size, config.objective.chunk_size,
+                          config.rollout.temperature)
+    sampling = SamplingParams(config.rollout.temperature, config.rollout.top_p, config.rollout.max_new_tokens)
+    size = config.rollout.group_size
+    per_call = max(1, config.rollout.generation_batch_size // size)
+    rows, teacher_rows = [], []
+    for start in range(0, len(chosen), per_call):
+        rollouts = engine.generate(chosen[start:start + per_call], size, sampling)
+        teacher_logprobs = scorer.score(rollouts).token_logprobs
+        for b, row in enumerate(unpack(rollouts)):
+            rows.append(row)
+            teacher_rows.append(teacher_logprobs[b, :len(row.response_ids)])
+    packed = pack(rows, chosen, size, tokenizer.pad_token_id)
+    teacher_logprobs = torch.zeros_like(packed.sampler_logprobs)
+    for b, values in enumerate(teacher_rows):
+        teacher_logprobs[b, :len(values)] = values
+    folder = Path(target)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({"prompt_ids": packed.prompt_ids, "prompt_mask": packed.prompt_mask,
+               "response_ids": packed.response_ids, "response_mask": packed.response_mask,
+               "sampler_logprobs": packed.sampler_logprobs.contiguous(), "teacher_logprobs": teacher_logprobs,
+               "truncated": packed.truncated}, str(folder / ROLLOUTS_FILE))
+    manifest.update({"format": FORMAT, "student_path": config.model.student, "teacher_path": config.model.teacher,
+                     "data_path": config.data.train, "problem_ids": [p.id for p in chosen]})
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+    return folder
+
+
+# --------------------------------------------------------------------------- reading
+
+class TeacherCache:
+    """The stored rollouts of one cache, checked against the run that reads it."""
+
+    def __init__(self, folder: Path, tensors: dict[str, torch.Tensor], problems: list[Problem], group_size: int,
+                 texts: list[str], recompute_old: bool):
+        self.folder, self.tensors, self.problems, self.group_size = folder, tensors, problems, group_size
+        self.texts, self.recompute_old = texts, recompute_old
+        self.index = {problem.id: g for g, problem in enumerate(problems)}
+
+    def rows_of(self, problems: list[Problem]) -> torch.Tensor:
+        size = self.group_size
+        return torch.tensor([self.index[p.id] * size + j for p in problems for j in range(size)])
+
+
+def load_teacher_cache(config: Config, train_problems: list[Problem], tokenizer: Any) -> TeacherCache:
+    """The cache at ``teacher_cache.path``, refused with a one-line error if missing or not this run's."""
+    from safetensors.torch import load_file
+
+    path = config.teacher_cache.path
+    folder = Path(path)
+    command = build_command(config, path)
+    if not (folder / MANIFEST_FILE).is_file() or not (folder / ROLLOUTS_FILE).is_file():
+        raise TeacherCacheError(f"teacher_cache.path={path}: no teacher cache there; build it first with: {command}")
+    try:
+        recorded = json.loads((folder / MANIFEST_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise TeacherCacheError(f"teacher_cache.path={path}: unreadable {MANIFEST_FILE}; rebuild it with: "
+                                f"{command}") from None
+    found = mismatches(recorded, expected_manifest(config))
+    if found:
+        key, was, now = found[0]
+        short = (lambda v: v[:12] if isinstance(v, str) and len(v) == 64 else v)  # sha256 digests: a prefix
+        raise TeacherCacheError(f"teacher_cache.path={path}: the cache does not match this run: {key} is "
+                                f"{short(was)!r} in the cache but {short(now)!r} here; rebuild it with: {command} "
+                                "(and this run's key=value overrides)")
+    by_id = {problem.id: problem for problem in train_problems}
+    missing = [i for i in recorded["problem_ids"] if i not in by_id]
+    if missing:
+        raise TeacherCacheError(f"teacher_cache.path={path}: problem '{missing[0]}' is not in data.train; "
+                                f"rebuild it with: {command}")
+    tensors = load_file(str(folder / ROLLOUTS_FILE))
+    mask = tensors["response_mask"]
+    texts = tokenizer.batch_decode([ids[m.bool()].tolist() for ids, m in zip(tensors["response_ids"], mask)],
+                                   skip_special_tokens=True)
+    return TeacherCache(folder, tensors, [by_id[i] for i in recorded["problem_ids"]], config.rollout.group_size,
+                        texts, config.teacher_cache.old_logprobs == "recompute")
+
+
+class CachedRolloutEngine:
+    """Replays the cached responses of the asked problems (their groups, in cache order).
+
+    ``old_scorer``: recompute log pi_old with the current student (``old_logprobs=recompute``);
+    None keeps the initial student's stored log-probs.
+    """
+
+    def __init__(self, cache: TeacherCache, old_scorer: Optional[Any] = None):
+        self.cache, self.old_scorer = cache, old_scorer
+
+    def generate(self, problems: list[Problem], n: int, sampling: SamplingParams,
+                 prompt_suffixes: Optional[list[str]] = None) -> Rollouts:
+        if n != self.cache.group_size or any(prompt_suffixes or []):
+            raise ValueError("the teacher cache replays its own groups: no other group size, no prompt suffix")
+        rows = self.cache.rows_of(problems)
+        t = {name: value[rows] for name, value in self.cache.tensors.items()}
+        prompt_width = int(t["prompt_mask"].sum(1).max())
+        length = max(1, int(t["response_mask"].sum(1).max()))
+        rollouts = Rollouts(problems=list(problems), group_size=n, prompt_ids=t["prompt_ids"][:, -prompt_width:],
+                            prompt_mask=t["prompt_mask"][:, -prompt_width:],
+                            response_ids=t["response_ids"][:, :length], response_mask=t["response_mask"][:, :length],
+                            sampler_logprobs=t["sampler_logprobs"][:, :length],
+                            response_texts=[self.cache.texts[b] for b in rows.tolist()], truncated=t["truncated"],
+                            sources=["cache"] * len(rows))
+        if self.old_scorer is not None:
+            rollouts.sampler_logprobs = self.old_scorer.score(rollouts).token_logprobs
+        return rollouts
+
+
+class CachedTeacher:
+    """The teacher's stored log-probs of the replayed rows; no model is loaded."""
+
+    def __init__(self, cache: TeacherCache):
+        self.cache = cache
+
+    def score(self, rollouts: Rollouts, need_hidden: bool = False) -> TeacherOutput:
+        if need_hidden:
+            raise ValueError("a teacher cache stores sampled-token log-probs only (no full distributions)")
+        rows = self.cache.rows_of(rollouts.problems)
+        length = rollouts.response_ids.shape[1]
+        stored = self.cache.tensors["response_ids"][rows, :length]
+        mask = rollouts.response_mask.long()
+        if not torch.equal(stored * mask, rollouts.response_ids * mask):
+            raise ValueError("CachedTeacher: these rollouts are not the cached responses")
+        return TeacherOutput(token_logprobs=self.cache.tensors["teacher_logprobs"][rows, :length]
+                             * rollouts.response_mask)
