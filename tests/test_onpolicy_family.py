@@ -1,0 +1,118 @@
+"""The on-policy distillation family of METHODS.md §6 as settings of the one objective:
+exopd, opsd, scope, tip, rlad, gkd. Hand-computed weights and advantages, limiting cases, and
+three training steps of each recipe on the bundled task."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from kdrl.config import BetaConfig, ConfigError, ObjectiveConfig, SelfTeacherConfig, load_config
+from kdrl.objective import Objective
+from kdrl.objective.loss import anchored_log_denominator, kd_advantage
+from kdrl.objective.weights import ROW_WEIGHTS, TOKEN_SELECTIONS, group_softmax_weights
+from kdrl.onpolicy import (DatasetResponses, RolloutSource, SelfTeacher, on_policy_at, privileged_problem,
+                           solution_users)
+from kdrl.types import Problem, StudentOutput
+from test_objective import make_batch
+
+D = torch.float64
+RECIPES = Path(__file__).parent.parent / "recipes"
+ONE = BetaConfig(schedule="constant", initial=1.0)
+
+
+def objective(**kw) -> Objective:
+    return Objective(ObjectiveConfig(beta=kw.pop("beta", ONE), chunk_size=3, **kw), total_steps=10,
+                     max_response_len=6)
+
+
+def loss_and_grads(obj: Objective, batch, hidden, weight):
+    prepared = obj.prepare(batch, step=0)
+    loss, metrics = obj.loss(prepared, StudentOutput(hidden, weight))
+    return loss, torch.autograd.grad(loss, (hidden, weight)), metrics, prepared
+
+
+def _train_records(config) -> list[dict]:
+    from kdrl.trainer import train
+
+    summary = train(config)
+    lines = (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == "train"]
+
+
+def bundled_small(run_dir: Path, steps: int = 3) -> list[str]:
+    """The bundled task and models at a few seconds per run: 2 prompts × 4 samples, no evaluation."""
+    return [f"train.steps={steps}", "rollout.prompts_per_step=2", "rollout.group_size=4",
+            "rollout.max_new_tokens=48", "eval.before=false", "data.eval=[]", "log.progress=false",
+            "log.plot=false", f"log.run_dir={run_dir}"]
+
+
+# --------------------------------------------------------------------------- rlad
+
+def test_rlad_ratio_is_anchored_to_the_geometric_mixture_by_hand():
+    s_old, teacher = torch.tensor([-1.0, -2.0], dtype=D), torch.tensor([-3.0, -1.0], dtype=D)
+    torch.testing.assert_close(anchored_log_denominator(s_old, teacher, 0.5), torch.tensor([-2.0, -1.5], dtype=D))
+    torch.testing.assert_close(anchored_log_denominator(s_old, teacher, 0.25),
+                               torch.tensor([0.25 * -1 + 0.75 * -3, 0.25 * -2 + 0.75 * -1], dtype=D))
+    with pytest.raises(ValueError, match="teacher"):
+        anchored_log_denominator(s_old, None, 0.5)
+
+
+def test_rlad_alpha_one_is_grpo_bitwise():
+    """α = 1 with the teacher's log-probs present (1·s_old + 0·τ) equals GRPO without a teacher."""
+    batch, hidden, weight = make_batch(rewards=(1.0, 0.0, 0.0, 1.0))
+    no_teacher = dataclasses.replace(batch, teacher_logprobs=None, teacher_hidden=None, teacher_output_weight=None)
+    grpo = loss_and_grads(objective(advantage="grpo", kd_placement="none"), no_teacher, hidden, weight)
+    rlad = loss_and_grads(objective(advantage="grpo", kd_placement="none", ratio_anchor_alpha=1.0), batch,
+                          hidden, weight)
+    assert torch.equal(grpo[0], rlad[0])
+    assert all(torch.equal(a, b) for a, b in zip(grpo[1], rlad[1]))
+    anchored = loss_and_grads(objective(advantage="grpo", kd_placement="none", ratio_anchor_alpha=0.5), batch,
+                              hidden, weight)
+    assert not torch.equal(grpo[0], anchored[0])
+
+
+def test_rlad_loss_by_hand():
+    """One token, A = +1 (group (1, 0), drgrpo: ±0.5 → the first row), ε = 0.2: ρ = exp(s − (s_old + τ)/2)."""
+    batch, hidden, weight = make_batch(lengths=(1, 1), rewards=(1.0, 0.0), R=1)
+    obj = objective(advantage="drgrpo", kd_placement="none", ratio_anchor_alpha=0.5)
+    loss, _, metrics, prepared = loss_and_grads(obj, batch, hidden, weight)
+    s = torch.log_softmax(hidden.detach() @ weight.detach().T, -1).gather(-1, batch.response_ids[..., None])[:, 0, 0]
+    rho = torch.exp(s - 0.5 * (batch.sampler_logprobs[:, 0] + batch.teacher_logprobs[:, 0]))
+    advantage = torch.tensor([0.5, -0.5], dtype=D)
+    per_row = -torch.minimum(rho * advantage, rho.clamp(0.8, 1.2) * advantage)
+    torch.testing.assert_close(loss.detach(), per_row.mean())
+
+
+def test_rlad_config_needs_a_teacher():
+    with pytest.raises(ConfigError, match="model.teacher"):
+        load_config(RECIPES / "rlad.yaml", ["model.teacher=null"])
+    with pytest.raises(ConfigError, match="ratio_anchor_alpha"):
+        load_config(RECIPES / "rlad.yaml", ["objective.ratio_anchor_alpha=1.5"])
+
+
+# --------------------------------------------------------------------------- three steps on the bundled task
+
+FAMILY = ["rlad"]
+
+
+@pytest.mark.parametrize("recipe", FAMILY)
+def test_three_steps_on_the_bundled_task(recipe, tmp_path):
+    config = load_config(RECIPES / f"{recipe}.yaml", bundled_small(tmp_path / "run"))
+    records = _train_records(config)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for record in records:
+        assert math.isfinite(record["loss"]) and record["skipped"] == 0.0, record
+    first = records[0]
+    if recipe == "tip":
+        assert 0.2 <= first["kd_token_fraction"] < 0.25 and first["kd_logit_memory_saved_mb_calculated"] > 0
+    if recipe == "gkd":  # seed 0: steps 0 and 2 are dataset batches (all correct), step 1 is on-policy
+        assert [r["on_policy_rows"] for r in records] == [float(on_policy_at(0, s, 0.5)) for s in range(3)]
+    if recipe in ("opsd", "tip", "gkd"):
+        assert first["kd_loss"] > 0
+    if recipe in ("exopd", "scope", "rlad"):  # rlad: zero while both groups' rewards are uniform
+        assert any(r["pg_loss"] != 0 for r in records)
