@@ -95,9 +95,50 @@ def test_rlad_config_needs_a_teacher():
         load_config(RECIPES / "rlad.yaml", ["objective.ratio_anchor_alpha=1.5"])
 
 
+# --------------------------------------------------------------------------- exopd
+
+def test_exopd_advantage_by_hand():
+    """Â = λ(τ − ℓ) − (s_old − ℓ): s_old = −1, τ = −0.5, ℓ = −2, λ = 1.25 → 1.25·1.5 − 1 = 0.875."""
+    s_old, teacher, ref = (torch.tensor([[v, -1.0]], dtype=D) for v in (-1.0, -0.5, -2.0))
+    mask = torch.tensor([[1.0, 0.0]], dtype=D)
+    d = kd_advantage(s_old, teacher, mask, 0.0, reward_scale=1.25, reference_logprobs=ref)
+    torch.testing.assert_close(-d, torch.tensor([[0.875, 0.0]], dtype=D))
+    # through the objective: Â = A − β·m·D, with A = 0 (advantage none), β = 2
+    batch, _, _ = make_batch(lengths=(1, 1), rewards=(1.0, 0.0), R=1)
+    batch = dataclasses.replace(batch, sampler_logprobs=torch.tensor([[-1.0], [-3.0]], dtype=D),
+                                teacher_logprobs=torch.tensor([[-0.5], [-1.0]], dtype=D),
+                                reference_logprobs=torch.tensor([[-2.0], [-2.0]], dtype=D))
+    obj = objective(advantage="none", kd_placement="advantage", kd_estimator="k1", kd_reward_scale=1.25,
+                    beta=BetaConfig(initial=2.0))
+    # row 2: 1.25·(−1 + 2) − (−3 + 2) = 2.25
+    torch.testing.assert_close(obj.prepare(batch, 0).advantages, torch.tensor([[1.75], [4.5]], dtype=D))
+    with pytest.raises(ValueError, match="reference"):
+        obj.prepare(dataclasses.replace(batch, reference_logprobs=None), 0)
+
+
+def test_exopd_lambda_one_is_opd_bitwise():
+    batch, hidden, weight = make_batch()  # has reference log-probs ≠ the student's
+    opd_batch = dataclasses.replace(batch, reference_logprobs=None)
+    settings = dict(advantage="none", kd_placement="advantage", kd_estimator="k1")
+    opd = loss_and_grads(objective(**settings), opd_batch, hidden, weight)
+    exopd = loss_and_grads(objective(**settings, kd_reward_scale=1.0), batch, hidden, weight)
+    assert torch.equal(opd[3].advantages, exopd[3].advantages)
+    assert torch.equal(opd[0], exopd[0]) and all(torch.equal(a, b) for a, b in zip(opd[1], exopd[1]))
+    extrapolated = objective(**settings, kd_reward_scale=1.25).prepare(batch, 0)
+    assert not torch.equal(opd[3].advantages, extrapolated.advantages)
+
+
+def test_exopd_config_needs_a_reference_and_the_advantage_placement():
+    assert load_config(RECIPES / "exopd.yaml").model.reference == "student"
+    with pytest.raises(ConfigError, match="model.reference"):
+        load_config(RECIPES / "exopd.yaml", ["model.reference=null"])
+    with pytest.raises(ConfigError, match="kd_reward_scale"):
+        load_config(RECIPES / "kdrl.yaml", ["objective.kd_reward_scale=1.25", "model.reference=student"])
+
+
 # --------------------------------------------------------------------------- three steps on the bundled task
 
-FAMILY = ["rlad"]
+FAMILY = ["exopd", "rlad"]
 
 
 @pytest.mark.parametrize("recipe", FAMILY)
