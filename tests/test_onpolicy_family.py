@@ -136,9 +136,51 @@ def test_exopd_config_needs_a_reference_and_the_advantage_placement():
         load_config(RECIPES / "kdrl.yaml", ["objective.kd_reward_scale=1.25", "model.reference=student"])
 
 
+# --------------------------------------------------------------------------- scope
+
+def test_scope_row_weights_by_hand():
+    """Group of 4, rewards (1, 0, 1, 0); mean teacher log-probs of the incorrect rows −1, −2; mean
+    student log-probs of the correct rows −0.5, −1.5 (T = 1, lengths 2 and 1)."""
+    rewards = torch.tensor([1.0, 0.0, 1.0, 0.0], dtype=D)
+    mask = torch.tensor([[1, 1], [1, 1], [1, 0], [1, 0]], dtype=D)
+    student = torch.tensor([[-0.25, -0.75], [0.0, 0.0], [-1.5, 9.0], [0.0, 9.0]], dtype=D)  # 9: padding
+    teacher = torch.tensor([[0.0, 0.0], [-1.5, -0.5], [0.0, 9.0], [-2.0, 9.0]], dtype=D)
+    kd, nll = ROW_WEIGHTS["scope"](rewards, 4, 1.0, student, teacher, mask, 1.0)
+    e = math.exp
+    w_tea = [2 * e(-1) / (e(-1) + e(-2)), 2 * e(-2) / (e(-1) + e(-2))]
+    w_stu = [2 * e(0.5) / (e(0.5) + e(1.5)), 2 * e(1.5) / (e(0.5) + e(1.5))]  # higher perplexity, more weight
+    torch.testing.assert_close(kd, torch.tensor([0.0, w_tea[0], 0.0, w_tea[1]], dtype=D))
+    torch.testing.assert_close(nll, torch.tensor([w_stu[0], 0.0, w_stu[1], 0.0], dtype=D))
+    # T = 2 halves the scores
+    kd2, _ = ROW_WEIGHTS["scope"](rewards, 4, 1.0, student, teacher, mask, 2.0)
+    assert kd2[1].item() == pytest.approx(2 * e(-0.5) / (e(-0.5) + e(-1)))
+
+
+def test_scope_empty_sets_get_weight_zero():
+    members = torch.tensor([True, True, False, False])  # group 1: all in the set; group 2: none
+    weights = group_softmax_weights(torch.tensor([3.0, 1.0, 5.0, 7.0], dtype=D), members, 2)
+    assert weights[2:].tolist() == [0.0, 0.0]
+    assert weights[:2].sum().item() == pytest.approx(2.0)
+    rewards = torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=D)  # group 1 all correct, group 2 all wrong
+    logprobs = torch.full((4, 2), -1.0, dtype=D)
+    kd, nll = ROW_WEIGHTS["scope"](rewards, 2, 1.0, logprobs, logprobs, torch.ones(4, 2, dtype=D), 1.0)
+    assert kd.tolist() == [0.0, 0.0, 1.0, 1.0] and nll.tolist() == [1.0, 1.0, 0.0, 0.0]
+
+
+def test_scope_routes_kd_and_likelihood_through_the_objective():
+    batch, hidden, weight = make_batch(rewards=(1.0, 0.0, 0.0, 1.0), group_size=2)
+    obj = objective(advantage="none", kd_placement="advantage", kd_estimator="k1", row_weights="scope", nll_coef=1.0)
+    prepared = obj.prepare(batch, 0)
+    assert prepared.kd_mask.tolist() == [0.0, 1.0, 1.0, 0.0]  # one incorrect row per group: n·softmax = 1
+    assert prepared.nll_mask.tolist() == [1.0, 0.0, 0.0, 1.0]
+    valid = batch.response_mask > 0
+    assert torch.all(prepared.advantages[0][valid[0]] == 0) and torch.all(prepared.advantages[3][valid[3]] == 0)
+    assert torch.any(prepared.advantages[1][valid[1]] != 0)
+
+
 # --------------------------------------------------------------------------- three steps on the bundled task
 
-FAMILY = ["exopd", "rlad"]
+FAMILY = ["exopd", "scope", "rlad"]
 
 
 @pytest.mark.parametrize("recipe", FAMILY)
