@@ -178,9 +178,52 @@ def test_scope_routes_kd_and_likelihood_through_the_objective():
     assert torch.any(prepared.advantages[1][valid[1]] != 0)
 
 
+# --------------------------------------------------------------------------- tip
+
+def test_tip_selection_by_hand():
+    """Entropies (0.1, 0.2, 0.3, 0.4, 10): H_98 = 0.4 + 0.92·9.6 = 9.232 (linear quantile); the
+    highest-divergence token is also the most uncertain (ĥ = 1) and is dropped."""
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0]], dtype=D)
+    entropy = torch.tensor([[0.1, 0.2, 0.3, 0.4, 10.0, 0.0]], dtype=D)
+    divergence = torch.tensor([[1.0, 1.0, 1.0, 5.0, 100.0, 50.0]], dtype=D)
+    ceiling = 0.4 + 0.92 * 9.6
+    scores = [(1 - h / ceiling) * d for h, d in zip([0.1, 0.2, 0.3, 0.4, 10 / 10 * ceiling], [1, 1, 1, 5, 100])]
+    assert scores.index(max(scores)) == 3 and scores[4] == pytest.approx(0.0)
+    select = TOKEN_SELECTIONS["tip"]
+    assert select(mask, entropy, divergence, 0.2).tolist() == [[0, 0, 0, 5.0, 0, 0]]  # 1 of 5, scaled 5/1
+    assert select(mask, entropy, divergence, 0.4).tolist() == [[2.5, 0, 0, 2.5, 0, 0]]  # then the lowest entropy
+    assert torch.equal(TOKEN_SELECTIONS["all"](mask, entropy, divergence, 0.2), mask)
+    assert select(torch.ones(1, 15, dtype=D), torch.rand(1, 15, dtype=D), torch.rand(1, 15, dtype=D),
+                  0.2).gt(0).sum() == 3  # ceil(0.2·15) is 3, not 4 from 3.0000000000000004
+    with pytest.raises(ValueError, match="entropy"):
+        select(mask, None, divergence, 0.2)
+
+
+def test_tip_through_the_objective_keeps_kd_on_the_selected_tokens_only():
+    batch, hidden, weight = make_batch(lengths=(4, 4, 4, 4), R=4)
+    batch = dataclasses.replace(batch, sampler_entropy=torch.rand(4, 4, generator=torch.Generator().manual_seed(1),
+                                                                  dtype=D))
+    settings = dict(advantage="none", pg_coef=0.0, kd_placement="loss", kd_estimator="rkl")
+    full = loss_and_grads(objective(**settings), batch, hidden, weight)
+    tip = loss_and_grads(objective(**settings, kd_token_selection="tip", tip_keep_fraction=0.25), batch, hidden,
+                         weight)
+    selected = tip[3].kd_token_weights
+    assert selected.gt(0).sum() == 4 and selected.max() == 4.0  # 4 of 16 tokens, scaled 16/4
+    # the KD term is the mean of the full-vocabulary reverse KL over the kept tokens
+    per_token = torch.zeros(4, 4, dtype=D)
+    student = torch.log_softmax(hidden.detach() @ weight.detach().T, -1)
+    teacher = torch.log_softmax(batch.teacher_hidden @ batch.teacher_output_weight.T, -1)
+    per_token = (student.exp() * (student - teacher)).sum(-1)
+    torch.testing.assert_close(tip[0].detach(), per_token[selected > 0].mean())
+    torch.testing.assert_close(full[0].detach(), per_token.mean())
+    metrics = objective(**settings, kd_token_selection="tip", tip_keep_fraction=0.25).prepare_metrics(tip[3])
+    assert metrics["kd_token_fraction"] == 0.25
+    assert metrics["kd_logit_memory_saved_mb_calculated"] == pytest.approx(12 * 7 * 4 * 2 / 2 ** 20)  # V = 7
+
+
 # --------------------------------------------------------------------------- three steps on the bundled task
 
-FAMILY = ["exopd", "scope", "rlad"]
+FAMILY = ["exopd", "scope", "tip", "rlad"]
 
 
 @pytest.mark.parametrize("recipe", FAMILY)
