@@ -221,9 +221,67 @@ def test_tip_through_the_objective_keeps_kd_on_the_selected_tokens_only():
     assert metrics["kd_logit_memory_saved_mb_calculated"] == pytest.approx(12 * 7 * 4 * 2 / 2 ** 20)  # V = 7
 
 
+# --------------------------------------------------------------------------- opsd
+
+def test_privileged_context_by_hand():
+    problem = Problem(id="p1", prompt="2+3=?\n", answer="5", solution="2+3=5 \\boxed{5}")
+    assert privileged_problem(problem, "{solution}\n{prompt}").prompt == "2+3=5 \\boxed{5}\n2+3=?\n"
+    assert privileged_problem(problem, "{prompt}").prompt == problem.prompt
+    with pytest.raises(ValueError, match="p1"):
+        privileged_problem(dataclasses.replace(problem, solution=None), "{solution}\n{prompt}")
+
+
+def test_ema_self_teacher_follows_the_student():
+    student = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        student.weight.copy_(torch.tensor([[1.0, 2.0]]))
+    teacher = SelfTeacher(SelfTeacherConfig(mode="ema", ema_decay=0.75), student, None, lambda p, s: [], 0)
+    with torch.no_grad():
+        student.weight.copy_(torch.tensor([[5.0, -2.0]]))
+    teacher.after_update()
+    torch.testing.assert_close(teacher.model.weight, torch.tensor([[0.75 * 1 + 0.25 * 5, 0.75 * 2 - 0.25 * 2]]))
+    saved = teacher.state_dict()
+    fresh = SelfTeacher(SelfTeacherConfig(mode="ema", ema_decay=0.75), student, None, lambda p, s: [], 0)
+    fresh.load_state_dict(saved)
+    assert torch.equal(fresh.model.weight, teacher.model.weight)
+    live = SelfTeacher(SelfTeacherConfig(mode="live"), student, None, lambda p, s: [], 0)
+    assert live.model is student and live.state_dict() == {}
+
+
+def test_opsd_without_privileged_context_has_zero_kd_signal_at_the_start(tmp_path):
+    """The frozen self-teacher is the initial student: with the context removed it reads exactly the
+    student's input, so JSD = 0 on the first step; with the solution in its prompt it is not."""
+    base = bundled_small(tmp_path / "run", steps=1)
+    removed = _train_records(load_config(RECIPES / "opsd.yaml", base + ['self_teacher.context="{prompt}"']))
+    assert removed[0]["kd_loss"] == pytest.approx(0.0, abs=1e-6)  # float32 rounding of the same forward
+    assert removed[0]["kl_sampled"] == pytest.approx(0.0, abs=1e-6)
+    run_dir = [o for o in base if o.startswith("log.run_dir")][0] + "-privileged"
+    privileged = _train_records(load_config(RECIPES / "opsd.yaml", base + [run_dir]))
+    assert privileged[0]["kd_loss"] > 1e-2
+    advantage_form = _train_records(load_config(RECIPES / "opsd.yaml", base + [
+        'self_teacher.context="{prompt}"', "objective.kd_placement=advantage", "objective.kd_estimator=k1",
+        "objective.pg_coef=1.0", run_dir + "-advantage"]))
+    assert advantage_form[0]["advantage_mean"] == pytest.approx(0.0, abs=1e-5)  # s_old − τ: generate vs forward
+
+
+def test_opsd_without_solutions_is_an_error_naming_the_problem(tiny_overrides, tmp_path):
+    from kdrl.data import DataError
+    from kdrl.trainer import setup
+
+    data = tmp_path / "no_solution.jsonl"
+    data.write_text('{"id": "a", "prompt": "1+1=?\\n", "answer": "2", "solution": "1+1=2 \\\\boxed{2}"}\n'
+                    '{"id": "b7", "prompt": "2+2=?\\n", "answer": "4"}\n')
+    overrides = [o for o in tiny_overrides if not o.startswith(("model.teacher", "data.train"))]
+    config = load_config(RECIPES / "opsd.yaml", overrides + [f"data.train={data}"])
+    assert solution_users(config) == ["model.teacher=self (privileged context)"]
+    with pytest.raises(DataError, match=r"no_solution.jsonl:2: .*'b7'.*model.teacher=self"):
+        setup(config)
+    assert not (tmp_path / "run").exists()
+
+
 # --------------------------------------------------------------------------- three steps on the bundled task
 
-FAMILY = ["exopd", "scope", "tip", "rlad"]
+FAMILY = ["exopd", "opsd", "scope", "tip", "rlad"]
 
 
 @pytest.mark.parametrize("recipe", FAMILY)
