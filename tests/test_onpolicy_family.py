@@ -279,9 +279,57 @@ def test_opsd_without_solutions_is_an_error_naming_the_problem(tiny_overrides, t
     assert not (tmp_path / "run").exists()
 
 
+# --------------------------------------------------------------------------- gkd
+
+def test_gkd_batch_choice_is_a_function_of_seed_and_step():
+    choices = [on_policy_at(0, step, 0.5) for step in range(400)]
+    assert choices == [on_policy_at(0, step, 0.5) for step in range(400)]  # same on resume
+    assert 160 < sum(choices) < 240
+    assert choices != [on_policy_at(1, step, 0.5) for step in range(400)]
+    assert all(on_policy_at(0, s, 1.0) for s in range(20)) and not any(on_policy_at(0, s, 0.0) for s in range(20))
+    source = RolloutSource("mixed", {}, seed=0, on_policy_fraction=0.5, off_policy_source="dataset")
+    assert [source.source_at(s) for s in range(400)] == ["student" if c else "dataset" for c in choices]
+
+
+def test_dataset_responses_are_the_solutions_and_marked_off_policy(tiny_assets):
+    from kdrl.config import ModelConfig
+    from kdrl.models import load_model, load_tokenizer
+    from kdrl.rollout import SamplingParams
+    from kdrl.trainer import make_batch as trainer_make_batch
+
+    tokenizer = load_tokenizer(str(tiny_assets / "student"))
+    model = load_model(str(tiny_assets / "student"), ModelConfig(), torch.device("cpu"), trainable=False)
+    encode = lambda problem, suffix="": tokenizer(problem.prompt + suffix)["input_ids"]  # noqa: E731
+    problems = [Problem(id="a", prompt="1+1=?\n", answer="2", solution="1+1=2 \\boxed{2}"),
+                Problem(id="b", prompt="3*3=?\n", answer="9", solution="3*3=9 \\boxed{9}")]
+    engine = DatasetResponses(model, tokenizer, encode)
+    source = RolloutSource("dataset", {"dataset": engine})
+    rollouts = source.generate(problems, 4, SamplingParams(max_new_tokens=64))
+    assert rollouts.group_size == 1 and rollouts.num_rows == 2 and rollouts.sources == ["dataset", "dataset"]
+    expected = tokenizer("1+1=2 \\boxed{2}", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert rollouts.response_ids[0, :len(expected)].tolist() == expected
+    assert rollouts.response_mask[0].sum() == len(expected) and not rollouts.truncated.any()
+    assert rollouts.response_texts == ["1+1=2 \\boxed{2}", "3*3=9 \\boxed{9}"]
+    assert torch.all(rollouts.sampler_logprobs[rollouts.response_mask > 0] < 0)  # the student's scores
+    short = engine.generate(problems, 1, SamplingParams(max_new_tokens=5))
+    assert short.truncated.all() and short.response_ids.shape[1] == 5
+
+    class _Run:  # make_batch reads nothing else from the run
+        config = None
+    batch = trainer_make_batch(_Run(), rollouts, torch.ones(2), None, None)
+    assert batch.on_policy.tolist() == [0.0, 0.0]  # off-policy: the ratio cap applies
+
+
+def test_gkd_needs_solutions_only_with_dataset_batches():
+    assert solution_users(load_config(RECIPES / "gkd.yaml")) == ["rollout.policy=mixed (dataset responses)"]
+    assert solution_users(load_config(RECIPES / "gkd.yaml", ["rollout.off_policy_source=teacher"])) == []
+    assert solution_users(load_config(RECIPES / "gkd.yaml", ["rollout.on_policy_fraction=1.0"])) == []
+    assert solution_users(load_config(RECIPES / "kdrl.yaml")) == []
+
+
 # --------------------------------------------------------------------------- three steps on the bundled task
 
-FAMILY = ["exopd", "opsd", "scope", "tip", "rlad"]
+FAMILY = ["exopd", "opsd", "scope", "tip", "rlad", "gkd"]
 
 
 @pytest.mark.parametrize("recipe", FAMILY)
