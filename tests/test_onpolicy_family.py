@@ -348,3 +348,29 @@ def test_three_steps_on_the_bundled_task(recipe, tmp_path):
         assert first["kd_loss"] > 0
     if recipe in ("exopd", "scope", "rlad"):  # rlad: zero while both groups' rewards are uniform
         assert any(r["pg_loss"] != 0 for r in records)
+
+
+@pytest.mark.parametrize("recipe, extra", [("gkd", []), ("opsd", ["self_teacher.mode=ema"])])
+def test_resume_is_exact(recipe, extra, tmp_path, capsys):
+    """gkd's per-step source choice and opsd's EMA teacher survive a resume: steps 3-4 and the final
+    weights match an uninterrupted run."""
+    import shutil
+
+    from kdrl import checkpoint as ckpt
+    from kdrl.cli import main
+    from test_reliability import comparable, same_weights
+
+    full = tmp_path / "full"
+    overrides = bundled_small(full, steps=4) + ["checkpoint.every=2", "log.sample_every=0"] + extra
+    assert main(["train", str(RECIPES / f"{recipe}.yaml"), *overrides]) == 0
+    interrupted = tmp_path / "interrupted"
+    shutil.copytree(full, interrupted, symlinks=True)
+    shutil.rmtree(ckpt.checkpoint_dir(interrupted) / ckpt.step_name(4))  # as if killed before step 4's save
+    assert main(["train", "--resume", str(interrupted)]) == 0
+    capsys.readouterr()
+    got, want = comparable(interrupted), comparable(full)
+    assert [r["step"] for r in got] == [r["step"] for r in want] == [1, 2, 3, 4]
+    for a, b in zip(got[2:], want[2:]):
+        for key in ("loss", "kd_loss", "reward", "response_length", "on_policy_rows"):
+            assert math.isclose(a[key], b[key], rel_tol=1e-6, abs_tol=1e-7), (a["step"], key, a[key], b[key])
+    assert same_weights(interrupted / "final", full / "final")
