@@ -210,7 +210,6 @@ def test_tip_through_the_objective_keeps_kd_on_the_selected_tokens_only():
     selected = tip[3].kd_token_weights
     assert selected.gt(0).sum() == 4 and selected.max() == 4.0  # 4 of 16 tokens, scaled 16/4
     # the KD term is the mean of the full-vocabulary reverse KL over the kept tokens
-    per_token = torch.zeros(4, 4, dtype=D)
     student = torch.log_softmax(hidden.detach() @ weight.detach().T, -1)
     teacher = torch.log_softmax(batch.teacher_hidden @ batch.teacher_output_weight.T, -1)
     per_token = (student.exp() * (student - teacher)).sum(-1)
