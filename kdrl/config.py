@@ -38,8 +38,10 @@ class LoraConfig:
 @dataclass
 class ModelConfig:
     student: str = "bundled:student"
+    # "self": the student itself, given privileged context (OPSD; see SelfTeacherConfig)
     teacher: Optional[str] = "bundled:teacher"
-    reference: Optional[str] = None  # frozen reference policy for objective.ref_kl; "student" = the initial student
+    # frozen reference policy for objective.ref_kl and exopd's objective.kd_reward_scale; "student" = the initial student
+    reference: Optional[str] = None
     trust_remote_code: bool = False  # never run a checkpoint's own code unless asked
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     gradient_checkpointing: bool = False
@@ -63,7 +65,12 @@ class DataConfig:
 @dataclass
 class RolloutConfig:
     engine: Literal["hf"] = "hf"
-    policy: Literal["student", "teacher"] = "student"  # who samples: teacher for SFT on teacher traces
+    # who writes the responses: the student (on-policy), the teacher (SFT on teacher traces), the
+    # dataset's `solution` field, or "mixed": per step, on-policy with probability on_policy_fraction,
+    # else off_policy_source (GKD, arXiv 2306.13649); the choice is a function of (train.seed, step)
+    policy: Literal["student", "teacher", "dataset", "mixed"] = "student"
+    on_policy_fraction: float = 0.5  # GKD's lambda (mixed only); 0.5 is an assumption
+    off_policy_source: Literal["dataset", "teacher"] = "dataset"  # mixed only
     prompts_per_step: int = 8
     group_size: int = 8  # G responses per prompt
     temperature: float = 1.0
@@ -78,6 +85,19 @@ class RewardConfig:
     functions: list[str] = field(default_factory=lambda: ["math"])
     timeout_s: float = 5.0
     correct_threshold: float = 1.0  # a response counts as correct when its reward >= this
+
+
+@dataclass
+class SelfTeacherConfig:
+    """model.teacher=self (OPSD, METHODS.md §6): the teacher is the student model reading the
+    problem with privileged context (its reference ``solution``), scored on the student's tokens."""
+
+    # the teacher's prompt text, before data.prompt_template; {solution} and {prompt} (assumption:
+    # the paper's exact wording is not in METHODS.md). "{prompt}" removes the privileged context.
+    context: str = "{solution}\n{prompt}"
+    # frozen: the initial student (default); live: the current student; ema: a moving average of it
+    mode: Literal["frozen", "live", "ema"] = "frozen"
+    ema_decay: float = 0.99  # ema: teacher <- decay * teacher + (1 - decay) * student, after each update
 
 
 @dataclass
@@ -117,6 +137,16 @@ class ObjectiveConfig:
     offpolicy_pg: Literal["none", "shaped"] = "none"
     offpolicy_shaping_gamma: float = 0.1  # γ of the shaping f(p) = p/(p + γ)
     beta: BetaConfig = field(default_factory=BetaConfig)
+    # exopd (G-OPD, METHODS.md §6): lambda in the advantage lambda(tau - ref) - (s_old - ref); 1 is OPD
+    kd_reward_scale: float = 1.0
+    # rlad: the PG ratio's denominator pi_old^alpha * pi_T^(1-alpha) (METHODS.md §6); 1 is GRPO's ratio
+    ratio_anchor_alpha: float = 1.0
+    # per-row KD / likelihood weights (objective.weights.ROW_WEIGHTS): none, or scope's routing by correctness
+    row_weights: Literal["none", "scope"] = "none"
+    scope_temperature: float = 1.0  # T of scope's group softmaxes
+    # which tokens carry the KD term (objective.weights.TOKEN_SELECTIONS): all, or tip's top fraction
+    kd_token_selection: Literal["all", "tip"] = "all"
+    tip_keep_fraction: float = 0.2
     offpolicy_ratio_cap: float = 2.0  # c in sg(min(rho, c)) on the k2 gradient (assumption)
     # likelihood on the sampled rows (SFT on teacher traces; "correct" = rejection sampling)
     nll_coef: float = 0.0
@@ -230,6 +260,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    self_teacher: SelfTeacherConfig = field(default_factory=SelfTeacherConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     failed_groups: FailedGroupsConfig = field(default_factory=FailedGroupsConfig)
@@ -404,6 +435,22 @@ def validate(config: Config) -> Config:
          "must name the data field that picks a teacher when teachers.routes is set"),
         (config.rollout.policy != "teacher" or config.model.teacher is not None, "model.teacher",
          "must be set when rollout.policy=teacher"),
+        (0.0 <= config.objective.ratio_anchor_alpha <= 1.0, "objective.ratio_anchor_alpha", "must lie in [0, 1]"),
+        (config.objective.ratio_anchor_alpha == 1.0 or config.model.teacher is not None, "model.teacher",
+         "must be set when objective.ratio_anchor_alpha < 1 (the ratio is anchored to the teacher)"),
+        (config.objective.kd_reward_scale == 1.0 or config.objective.kd_placement == "advantage",
+         "objective.kd_reward_scale", "scales the KD reward in the advantage; set objective.kd_placement=advantage"),
+        (config.objective.kd_reward_scale == 1.0 or config.model.reference is not None, "model.reference",
+         "must be set when objective.kd_reward_scale != 1 ('student' for the initial student, or a path)"),
+        (config.objective.scope_temperature > 0, "objective.scope_temperature", "must be positive"),
+        (0.0 < config.objective.tip_keep_fraction <= 1.0, "objective.tip_keep_fraction", "must lie in (0, 1]"),
+        (0.0 <= config.rollout.on_policy_fraction <= 1.0, "rollout.on_policy_fraction", "must lie in [0, 1]"),
+        (not (config.rollout.policy == "mixed" and config.rollout.off_policy_source == "teacher")
+         or config.model.teacher is not None, "model.teacher", "must be set when rollout.off_policy_source=teacher"),
+        (not (config.model.teacher == "self" and config.rollout.policy in ("teacher", "mixed")
+              and (config.rollout.policy == "teacher" or config.rollout.off_policy_source == "teacher")),
+         "rollout.policy", "model.teacher=self cannot write responses (it needs the student's completion to score)"),
+        (0.0 <= config.self_teacher.ema_decay < 1.0, "self_teacher.ema_decay", "must lie in [0, 1)"),
         (config.train.steps >= 0, "train.steps", "must not be negative"),
         (config.train.learning_rate >= 0, "train.learning_rate", "must not be negative"),
         (config.train.cpu_threads >= 0, "train.cpu_threads", "must not be negative"),

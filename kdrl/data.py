@@ -124,8 +124,9 @@ def _read_hf_dataset_dir(path: Path, split: Optional[str]) -> Iterable[tuple[str
 
 def load_problems(spec: str, prompt_field: str = "prompt", answer_field: str = "answer",
                   solution_field: str = "solution", limit: Optional[int] = None,
-                  require_solution: bool = False) -> list[Problem]:
-    """Load problems from ``spec`` (a path or ``bundled:SPLIT``)."""
+                  require_solution: bool | str = False) -> list[Problem]:
+    """Load problems from ``spec`` (a path or ``bundled:SPLIT``); ``require_solution``: every row needs
+    a solution (a string says which setting needs it, for the error)."""
     path = resolve_data_path(spec)
     fields = {"prompt": prompt_field, "answer": answer_field, "solution": solution_field}
     suffix = path.suffix.lower()
@@ -144,7 +145,9 @@ def load_problems(spec: str, prompt_field: str = "prompt", answer_field: str = "
     for where, index, row in rows:
         problem = _row_to_problem(row, where, index, fields)
         if require_solution and not problem.solution:
-            raise DataError(f"{where}: field '{solution_field}' is required by this recipe")
+            needed_by = "" if require_solution is True else f", for {require_solution}"
+            raise DataError(f"{where}: field '{solution_field}' is required by this recipe (problem "
+                            f"'{problem.id}' has none{needed_by})")
         problems.append(problem)
         if limit is not None and len(problems) >= limit:
             break

@@ -12,6 +12,8 @@ from kdrl.types import Rollouts, TeacherOutput
 class Teacher(Protocol):
     def score(self, rollouts: Rollouts, need_hidden: bool = False) -> TeacherOutput: ...
 
+    def after_update(self) -> None: ...  # called after every optimizer step (an EMA teacher follows it)
+
 
 class LocalTeacher:
     """A frozen causal LM on this process, reading the same prompt and response tokens as the student."""
@@ -43,3 +45,6 @@ class LocalTeacher:
         return TeacherOutput(token_logprobs=token_logprobs,
                              hidden_states=torch.cat(hiddens) if need_hidden else None,
                              output_weight=weight if need_hidden else None)
+
+    def after_update(self) -> None:
+        """A frozen teacher does not change."""

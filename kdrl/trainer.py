@@ -34,6 +34,8 @@ from kdrl.methods import attach, load_method_inputs
 from kdrl.models import (ModelError, check_tokenizers_compatible, context_length, load_model, load_tokenizer,
                          logit_scale, output_projection, pick_device, response_hidden_states)
 from kdrl.objective import Objective
+from kdrl.onpolicy import (ON_POLICY_SOURCES, SELF, DatasetResponses, RolloutSource, SelfTeacher, needs_reference_model,
+                           needs_teacher_model, solution_users)
 from kdrl.rewards import combine_rewards
 from kdrl.rollout import SamplingParams, make_engine
 from kdrl.teachers import LocalTeacher
@@ -67,7 +69,7 @@ class Run:
     nonfinite_streak: int = 0
     student_engine: Any = None  # generates with the student (evaluation, on-policy rollouts)
     sampling_engine: Any = None  # generates the training rollouts (the teacher for SFT on teacher traces)
-    teacher_scorer: Optional[LocalTeacher] = None
+    teacher_scorer: Optional[LocalTeacher | SelfTeacher] = None
     reference_scorer: Optional[LocalTeacher] = None
     failed_groups: Any = None  # what to do with groups in which every response failed (ghpo, ampo)
 
@@ -139,7 +141,7 @@ def setup(config: Config, resume: Optional[str | Path] = None) -> Run:
     # Everything a user can get wrong is checked before the run directory is written.
     tokenizer = load_tokenizer(config.model.student, config.model.trust_remote_code)
     train_problems = load_problems(config.data.train, config.data.prompt_field, config.data.answer_field,
-                                   config.data.solution_field)
+                                   config.data.solution_field, require_solution=", ".join(solution_users(config)))
     eval_sets, eval_sources = {}, {}
     for spec in config.data.eval:
         name = Path(spec.split(":")[-1]).stem
@@ -164,13 +166,12 @@ def setup(config: Config, resume: Optional[str | Path] = None) -> Run:
                          adapter=resume_from / "adapter" if lora_resume else None)
     set_cpu_threads(config.train.cpu_threads, device, student)
     teacher = None
-    if config.model.teacher is not None and config.teacher_cache.path is None and not config.teachers.routes \
-            and (config.objective.kd_placement != "none" or config.rollout.policy == "teacher"):
+    if needs_teacher_model(config) and config.teacher_cache.path is None and not config.teachers.routes:
         teacher = load_model(config.model.teacher, config.model, device, trainable=False)
         check_tokenizers_compatible(tokenizer, load_tokenizer(config.model.teacher, config.model.trust_remote_code),
                                     "teacher", student, teacher)
     reference = None
-    if config.objective.ref_kl_coef > 0:
+    if needs_reference_model(config):
         if config.model.reference == "student":
             reference = load_model(config.model.student, config.model, device, trainable=False)
         else:
@@ -232,19 +233,46 @@ def setup(config: Config, resume: Optional[str | Path] = None) -> Run:
               objective, optimizer, scheduler, prompt_order, logger, step=step, nonfinite_streak=streak)
     run.student_engine = make_engine(config.rollout.engine, model=student, tokenizer=tokenizer, encode=encode,
                                      generation_batch_size=config.rollout.generation_batch_size)
-    run.sampling_engine = run.student_engine if config.rollout.policy == "student" else make_engine(
-        config.rollout.engine, model=teacher, tokenizer=tokenizer, encode=encode,
-        generation_batch_size=config.rollout.generation_batch_size)
+    run.sampling_engine = make_rollout_source(config, run, teacher, encode)
     run.teacher_scorer = LocalTeacher(teacher, config.train.micro_batch_size, config.objective.chunk_size,
                                       config.rollout.temperature) \
         if teacher is not None else None
+    if config.model.teacher == SELF:
+        run.teacher_scorer = make_self_teacher(config, run, encode)
     run.reference_scorer = LocalTeacher(reference, config.train.micro_batch_size, config.objective.chunk_size,
                                         config.rollout.temperature) \
         if reference is not None else None
+    if state is not None and isinstance(run.teacher_scorer, SelfTeacher):
+        run.teacher_scorer.load_state_dict(state.get("self_teacher", {}))
     attach(run, methods)  # teacher cache replay, routed teachers, failed-group action
     if state is not None:
         ckpt.set_rng_state(state["rng"])  # last: the generators continue exactly from the checkpoint moment
     return run
+
+
+def make_rollout_source(config: Config, run: Run, teacher: Optional[torch.nn.Module], encode) -> RolloutSource:
+    """The engines ``rollout.policy`` can pick from at each step (the student's is always there)."""
+    rollout = config.rollout
+    engines: dict[str, Any] = {"student": run.student_engine}
+    mixed = rollout.policy == "mixed"
+    if teacher is not None and (rollout.policy == "teacher" or (mixed and rollout.off_policy_source == "teacher")):
+        engines["teacher"] = make_engine(rollout.engine, model=teacher, tokenizer=run.tokenizer, encode=encode,
+                                         generation_batch_size=rollout.generation_batch_size)
+    if rollout.policy == "dataset" or (mixed and rollout.off_policy_source == "dataset"):
+        engines["dataset"] = DatasetResponses(run.student, run.tokenizer, encode, config.train.micro_batch_size,
+                                              config.objective.chunk_size, rollout.temperature)
+    return RolloutSource(rollout.policy, engines, config.train.seed, rollout.on_policy_fraction,
+                         rollout.off_policy_source)
+
+
+def make_self_teacher(config: Config, run: Run, encode) -> SelfTeacher:
+    """OPSD's teacher (model.teacher=self); every training problem's privileged prompt is checked now."""
+    initial = load_model(config.model.student, config.model, run.device, trainable=False) \
+        if config.self_teacher.mode == "frozen" else None
+    teacher = SelfTeacher(config.self_teacher, run.student, initial, encode, run.tokenizer.pad_token_id,
+                          config.train.micro_batch_size, config.objective.chunk_size, config.rollout.temperature)
+    teacher.check(run.train_problems, config.data.train)
+    return teacher
 
 
 def set_cpu_threads(threads: int, device: torch.device, student: torch.nn.Module) -> None:
@@ -309,8 +337,8 @@ def make_batch(run: Run, rollouts: Rollouts, rewards: torch.Tensor, teacher_out,
         teacher_output_weight=teacher_out.output_weight if teacher_out is not None else None,
         reference_logprobs=reference_out.token_logprobs if reference_out is not None else None,
         kd_coef=teacher_out.kd_coef if teacher_out is not None else None,
-        on_policy=torch.tensor([float(run.config.rollout.policy == "student" and source == "policy")
-                                for source in rollouts.sources or ["policy"] * rollouts.num_rows]))
+        on_policy=torch.tensor([float(source in ON_POLICY_SOURCES) for source in rollouts.sources]),
+        sampler_entropy=rollouts.sampler_entropy)
 
 
 def student_forward(run: Run, batch: TrainBatch) -> StudentOutput:
@@ -377,7 +405,7 @@ def training_step(run: Run) -> dict[str, Any]:
     sampling = SamplingParams(config.rollout.temperature, config.rollout.top_p, config.rollout.max_new_tokens)
     problems = [run.train_problems[i] for i in run.prompt_order.next(config.rollout.prompts_per_step)]
     with timed(timings, "generate"):
-        rollouts = run.sampling_engine.generate(problems, config.rollout.group_size, sampling)
+        rollouts = run.sampling_engine.generate(problems, config.rollout.group_size, sampling, step=run.step)
     with timed(timings, "reward"):
         rewards = score_rewards(run, rollouts)
     with timed(timings, "failed_groups"):  # ghpo hints / ampo teacher solutions where a whole group failed
@@ -389,6 +417,8 @@ def training_step(run: Run) -> dict[str, Any]:
     batch = run.objective.prepare(make_batch(run, rollouts, rewards, teacher_out, reference_out), run.step)
     with timed(timings, "train"):
         update_metrics = update(run, batch)
+        if run.teacher_scorer is not None:
+            run.teacher_scorer.after_update()  # an EMA self-teacher follows the student
     run.step += 1
     return {**step_metrics(run, rollouts, rewards, batch), **rescue_metrics, **update_metrics, **timings,
             "tokens_per_second": float(rollouts.response_mask.sum()) / max(1e-9, sum(timings.values())),
@@ -432,6 +462,8 @@ def save(run: Run) -> Path:
         state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
                  "prompt_order": run.prompt_order.state_dict(), "nonfinite_streak": run.nonfinite_streak,
                  "rng": rng}
+        if isinstance(run.teacher_scorer, SelfTeacher):
+            state["self_teacher"] = run.teacher_scorer.state_dict()
         path = ckpt.save_checkpoint(run.run_dir, run.step, run.student, run.tokenizer, state,
                                     run.config.checkpoint.keep_last)
     ckpt.link_final(run.run_dir, path)

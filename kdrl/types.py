@@ -41,6 +41,7 @@ class Rollouts:
     truncated: torch.Tensor  # [B] bool, hit max_new_tokens without EOS
     # Per-row source: "student" on-policy, "teacher" / "dataset" for off-policy rows.
     sources: list[str] = field(default_factory=list)
+    sampler_entropy: Optional[torch.Tensor] = None  # [B, R] float, entropy of pi_old at each position
 
     @property
     def num_rows(self) -> int:
@@ -88,11 +89,13 @@ class TrainBatch:
     reference_logprobs: Optional[torch.Tensor] = None  # [B, R]
     on_policy: Optional[torch.Tensor] = None  # [B] float, 1 where the row was sampled from the student
     kd_coef: Optional[torch.Tensor] = None  # [B] per-row KD coefficient multiplying beta (None: 1)
+    sampler_entropy: Optional[torch.Tensor] = None  # [B, R] entropy of pi_old (token selection, e.g. tip)
     # Filled by Objective.prepare:
     advantages: Optional[torch.Tensor] = None  # [B, R] token-level advantage (outcome + KD-in-advantage)
     kd_mask: Optional[torch.Tensor] = None  # [B] float, reward-guided KD mask m_i
     nll_mask: Optional[torch.Tensor] = None  # [B] float, rows trained by likelihood (SFT)
     token_weights: Optional[torch.Tensor] = None  # [B, R] loss-aggregation weights; sum over the full batch = 1
+    kd_token_weights: Optional[torch.Tensor] = None  # [B, R] which tokens carry the KD term (token selection)
     beta: float = 0.0
 
     @property

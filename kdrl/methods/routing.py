@@ -43,6 +43,9 @@ class RoutedTeacher:
         self.scorers, self.route_teacher, self.route_beta = scorers, route_teacher, route_beta
         self.field, self.routes = field, routes
 
+    def after_update(self) -> None:
+        """Nothing to follow: this teacher is fixed (kdrl.teachers.Teacher protocol)."""
+
     def score(self, rollouts: Rollouts, need_hidden: bool = False) -> TeacherOutput:
         route = torch.tensor([pick_route(rollouts.problems[b // rollouts.group_size], self.field, self.routes)
                               for b in range(rollouts.num_rows)])

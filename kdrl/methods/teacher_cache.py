@@ -212,7 +212,7 @@ class CachedRolloutEngine:
     def __init__(self, cache: TeacherCache, old_scorer: Optional[Any] = None):
         self.cache, self.old_scorer = cache, old_scorer
 
-    def generate(self, problems: list[Problem], n: int, sampling: SamplingParams,
+    def generate(self, problems: list[Problem], n: int, sampling: SamplingParams, step: int = 0,
                  prompt_suffixes: Optional[list[str]] = None) -> Rollouts:
         if n != self.cache.group_size or any(prompt_suffixes or []):
             raise ValueError("the teacher cache replays its own groups: no other group size, no prompt suffix")
@@ -236,6 +236,9 @@ class CachedTeacher:
 
     def __init__(self, cache: TeacherCache):
         self.cache = cache
+
+    def after_update(self) -> None:
+        """Nothing to follow: this teacher is fixed (kdrl.teachers.Teacher protocol)."""
 
     def score(self, rollouts: Rollouts, need_hidden: bool = False) -> TeacherOutput:
         if need_hidden:

@@ -1,10 +1,14 @@
 """The one unified objective (METHODS.md §1-4): every method is a setting of it.
 
-    L = Σ_t w_t · [ pg_coef·L_pg + β·m_i·k(Δ_t) + ref_kl_coef·k_ref + nll_coef·n_i·(−s_t) − entropy_coef·H_t ]
+    L = Σ_t w_t · [ pg_coef·L_pg + β·m_i·u_t·k(Δ_t) + ref_kl_coef·k_ref + nll_coef·n_i·(−s_t) − entropy_coef·H_t ]
 
 where w_t are the loss-aggregation weights (``loss_agg``), normalised over the FULL batch
 by ``prepare`` so that micro-batch losses add up to the batch loss. The KD term sits either
-in the loss (KDRL: k2, k3, rkl, fkl, jsd, topk) or in the advantage (OPD: Â = A − β·m·sg(Δ)).
+in the loss (KDRL: k2, k3, rkl, fkl, jsd, topk) or in the advantage (OPD: Â = A − β·m·u·sg(D)).
+The related methods of METHODS.md §6 are settings of the same pieces: m_i and n_i also take
+per-row weights (``row_weights``: SCOPE), u_t selects the KD tokens (``kd_token_selection``:
+TIP), D takes G-OPD's reward scale λ against a reference (``kd_reward_scale``: ExOPD), and the
+PG ratio's denominator can be anchored to π_old^α·π_T^(1−α) (``ratio_anchor_alpha``: RLAD).
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ from kdrl.objective.advantages import ADVANTAGES
 from kdrl.objective.divergences import SAMPLED_KL, VOCAB_DIVERGENCES, check_loss_estimator, upcast, vocab_terms_chunked
 from kdrl.objective.offpolicy import shaped_offpolicy_pg
 from kdrl.objective.schedules import BETA_SCHEDULES, beta_at
-from kdrl.objective.weights import KD_MASKS, LOSS_AGGREGATIONS, identity
+from kdrl.objective.weights import KD_MASKS, LOSS_AGGREGATIONS, ROW_WEIGHTS, TOKEN_SELECTIONS, identity
 from kdrl.types import StudentOutput, TrainBatch
 
 Tensor = torch.Tensor
@@ -62,9 +66,35 @@ def discounted_future_sum(values: Tensor, mask: Tensor, gamma: float) -> Tensor:
     return out * mask
 
 
-def kd_advantage(sampler_logprobs: Tensor, teacher_logprobs: Tensor, mask: Tensor, gamma: float) -> Tensor:
-    """D_{i,t} = sg(s_old − τ): the sampled reverse-KL k1 with the SAMPLER's log-probs (OPD, METHODS.md §3)."""
-    return discounted_future_sum((upcast(sampler_logprobs) - upcast(teacher_logprobs)).detach(), mask, gamma)
+def kd_advantage(sampler_logprobs: Tensor, teacher_logprobs: Tensor, mask: Tensor, gamma: float,
+                 reward_scale: float = 1.0, reference_logprobs: Optional[Tensor] = None) -> Tensor:
+    """D_{i,t} = sg(s_old − τ): the sampled reverse-KL k1 with the SAMPLER's log-probs (OPD, METHODS.md §3).
+
+    With a reference ℓ = log π_ref (G-OPD / ExOPD, METHODS.md §6 ``exopd``), D = sg(s_old − τ) −
+    (λ − 1)·sg(τ − ℓ), so that −D = λ(τ − ℓ) − (s_old − ℓ): λ scales the implicit reward
+    log π_T/π_ref; λ = 1 is OPD exactly ((λ − 1)·x is ±0), λ > 1 extrapolates past the teacher.
+    """
+    teacher = upcast(teacher_logprobs)
+    delta = upcast(sampler_logprobs) - teacher
+    if reference_logprobs is not None:
+        delta = delta - (reward_scale - 1.0) * (teacher - upcast(reference_logprobs))
+    elif reward_scale != 1.0:
+        raise ValueError("objective.kd_reward_scale != 1 needs the reference log-probs (model.reference)")
+    return discounted_future_sum(delta.detach(), mask, gamma)
+
+
+def anchored_log_denominator(sampler_logprobs: Tensor, teacher_logprobs: Optional[Tensor], alpha: float) -> Tensor:
+    """log(π_old^α · π_T^(1−α)) = α·s_old + (1 − α)·τ: RLAD's trust-region anchor (METHODS.md §6).
+
+    The geometric mixture is NOT renormalised over the vocabulary (a choice: the normaliser
+    would need both full distributions, and it is a per-position constant that only shifts the
+    clip window). α = 1 is s_old, GRPO's ratio, exactly (1·s_old + 0·τ is s_old bitwise).
+    """
+    if alpha == 1.0 and teacher_logprobs is None:
+        return sampler_logprobs
+    if teacher_logprobs is None:
+        raise ValueError("objective.ratio_anchor_alpha < 1 needs the teacher's log-probs (model.teacher)")
+    return alpha * sampler_logprobs + (1.0 - alpha) * teacher_logprobs
 
 
 def kd_row_coef(batch: TrainBatch) -> Tensor | float:
@@ -93,6 +123,8 @@ class Objective:
                  temperature: float = 1.0):
         for value, registry, key in [(cfg.advantage, ADVANTAGES, "advantage"), (cfg.kd_mask, KD_MASKS, "kd_mask"),
                                      (cfg.loss_agg, LOSS_AGGREGATIONS, "loss_agg"),
+                                     (cfg.row_weights, ROW_WEIGHTS, "row_weights"),
+                                     (cfg.kd_token_selection, TOKEN_SELECTIONS, "kd_token_selection"),
                                      (cfg.beta.schedule, BETA_SCHEDULES, "beta.schedule")]:
             if value not in registry:
                 raise ValueError(f"objective.{key}: unknown {value!r} (valid: {', '.join(registry)})")
@@ -112,10 +144,11 @@ class Objective:
         self.correct_threshold = correct_threshold
         self.all_reduce_sum = all_reduce_sum or identity
         self.temperature = temperature
-        self.needs_teacher = cfg.kd_placement != "none"
+        # the teacher's log-probs: for the KD term, or for RLAD's ratio anchor
+        self.needs_teacher = cfg.kd_placement != "none" or cfg.ratio_anchor_alpha != 1.0
         self.kd_in_loss = cfg.kd_placement == "loss"
         self.needs_teacher_hidden = self.kd_in_loss and cfg.kd_estimator in VOCAB_DIVERGENCES
-        self.needs_reference = cfg.ref_kl_coef != 0
+        self.needs_reference = cfg.ref_kl_coef != 0 or (cfg.kd_placement == "advantage" and cfg.kd_reward_scale != 1)
         # with no outcome advantage and no KD in the advantage, Â ≡ 0: the PG term is skipped
         self.uses_pg = cfg.pg_coef != 0 and (cfg.advantage != "none" or cfg.kd_placement == "advantage")
         self._divergence_kwargs = {"jsd": {"beta": cfg.jsd_beta}, "topk": {"k": cfg.kd_topk}}.get(cfg.kd_estimator, {})
@@ -128,18 +161,37 @@ class Objective:
         rewards = upcast(batch.rewards)
         beta = beta_at(cfg.beta, step, self.total_steps)
         outcome = ADVANTAGES[cfg.advantage](rewards, batch.group_size)  # A_i, §1
-        kd_mask = KD_MASKS[cfg.kd_mask](rewards, batch.group_size, self.correct_threshold)  # m_i, §5
+        kd_rows, nll_rows = ROW_WEIGHTS[cfg.row_weights](  # per-row weights (SCOPE, §6)
+            rewards, batch.group_size, self.correct_threshold, batch.sampler_logprobs, batch.teacher_logprobs,
+            mask, cfg.scope_temperature)
+        kd_mask = KD_MASKS[cfg.kd_mask](rewards, batch.group_size, self.correct_threshold) * kd_rows  # m_i, §5
+        kd_tokens = self._kd_token_weights(batch, mask)  # which tokens carry KD (TIP, §6)
         advantages = outcome[:, None] * mask
-        if cfg.kd_placement == "advantage":  # Â = A − β·m·sg(D), §3 (OPD)
+        if cfg.kd_placement == "advantage":  # Â = A − β·m·sg(D), §3 (OPD); G-OPD's λ, §6
             if batch.teacher_logprobs is None:
                 raise ValueError("kd_placement=advantage needs batch.teacher_logprobs")
-            kd = kd_advantage(batch.sampler_logprobs, batch.teacher_logprobs, mask, cfg.kd_gamma)
-            advantages = advantages - beta * (kd_mask * kd_row_coef(batch))[:, None] * kd
+            kd = kd_advantage(batch.sampler_logprobs, batch.teacher_logprobs, mask, cfg.kd_gamma,
+                              cfg.kd_reward_scale, batch.reference_logprobs)
+            kd_rows = kd_mask * kd_row_coef(batch)
+            advantages = advantages - beta * kd_rows[:, None] * (kd if kd_tokens is None else kd * kd_tokens)
         correct = (rewards >= self.correct_threshold).to(rewards.dtype)
         nll_mask = torch.ones_like(rewards) if cfg.nll_rows == "all" else correct  # "correct": rejection sampling
+        nll_mask = nll_mask * nll_rows
         token_weights = LOSS_AGGREGATIONS[cfg.loss_agg](mask, self.max_response_len, self.all_reduce_sum)
         return replace(batch, advantages=advantages, kd_mask=kd_mask, nll_mask=nll_mask,
-                       token_weights=token_weights, beta=beta)
+                       token_weights=token_weights, kd_token_weights=kd_tokens, beta=beta)
+
+    def _kd_token_weights(self, batch: TrainBatch, mask: Tensor) -> Optional[Tensor]:
+        """None (every token) or [B, R] weights of the KD term from TOKEN_SELECTIONS. TIP's δ_t is
+        |s_old − τ|, the sampled-token log-ratio (assumption: the full-vocabulary divergence would
+        need the student's whole distribution here, before the update's forward pass)."""
+        if self.cfg.kd_token_selection == "all" or self.cfg.kd_placement == "none":
+            return None
+        if batch.teacher_logprobs is None:
+            raise ValueError(f"kd_token_selection={self.cfg.kd_token_selection} needs batch.teacher_logprobs")
+        divergence = (upcast(batch.sampler_logprobs) - upcast(batch.teacher_logprobs)).abs() * mask
+        return TOKEN_SELECTIONS[self.cfg.kd_token_selection](mask, batch.sampler_entropy, divergence,
+                                                             self.cfg.tip_keep_fraction)
 
     def prepare_metrics(self, batch: TrainBatch) -> dict[str, float]:
         """Batch-level numbers of a prepared batch (this process's rows)."""
@@ -154,7 +206,25 @@ class Objective:
             "advantage_std": advantages.std(correction=0).item() if advantages.numel() else 0.0,
             "reward_mean": batch.rewards.float().mean().item(),
             "uniform_group_fraction": (groups.amax(1) == groups.amin(1)).float().mean().item(),
+            **({} if batch.on_policy is None else {"on_policy_rows": batch.on_policy.float().mean().item()}),
+            **self._token_selection_metrics(batch, valid),
         }
+
+    @staticmethod
+    def _token_selection_metrics(batch: TrainBatch, valid: Tensor) -> dict[str, float]:
+        """TIP: the fraction of response tokens that carry KD, and the memory a KD term formed on the
+        kept tokens only would not need: skipped tokens × V × 4 bytes × 2 (float32 logits of student
+        and teacher). CALCULATED, not measured: this implementation forms the chunked terms at every
+        position and weights the skipped ones by 0."""
+        if batch.kd_token_weights is None:
+            return {}
+        kept = int((batch.kd_token_weights[valid] > 0).sum())
+        total = int(valid.sum())
+        metrics = {"kd_token_fraction": kept / max(1, total)}  # of the response tokens
+        if batch.teacher_output_weight is not None:
+            vocab = batch.teacher_output_weight.shape[0]
+            metrics["kd_logit_memory_saved_mb_calculated"] = (total - kept) * vocab * 4 * 2 / 2 ** 20
+        return metrics
 
     # ----------------------------------------------------------------------- once per micro-batch
 
@@ -187,13 +257,16 @@ class Objective:
         teacher = None if batch.teacher_logprobs is None else upcast(batch.teacher_logprobs[valid])
 
         # per-token terms [N]
-        pg = policy_gradient_loss(ratio, advantages, cfg.clip_eps_low, cfg.clip_eps_high)  # §4
+        pg_ratio = importance_ratio(s, anchored_log_denominator(s_old, teacher, cfg.ratio_anchor_alpha))  # RLAD, §6
+        pg = policy_gradient_loss(pg_ratio, advantages, cfg.clip_eps_low, cfg.clip_eps_high)  # §4
         if cfg.offpolicy_pg == "shaped" and batch.on_policy is not None:  # §6 ampo: −A·f(π_θ) on teacher rows
             pg = torch.where(per_token(batch.on_policy == 0),
                              shaped_offpolicy_pg(s, advantages, cfg.offpolicy_shaping_gamma), pg)
         kd_value = self._kd_value(s, teacher, divergence)  # k(Δ_t), §2
         kd = batch.beta * per_token(upcast(batch.kd_mask) * kd_row_coef(batch)) * self._sampled_correction(is_weight) \
             * kd_value  # §3
+        if batch.kd_token_weights is not None:  # token selection (TIP, §6)
+            kd = kd * upcast(batch.kd_token_weights[valid])
         ref_kl = self._ref_kl(s, batch, valid)  # §4, optional
         nll = per_token(upcast(batch.nll_mask)) * -s  # SFT / rejection sampling
 
@@ -218,7 +291,7 @@ class Objective:
         metrics = {
             "loss": loss.detach(), "pg_loss": share(pg), "kd_loss": share(kd), "kd_value": share(kd_value),
             "nll": share(nll), "entropy": share(entropy),
-            "clip_fraction": share(clipped(ratio, advantages, cfg.clip_eps_low, cfg.clip_eps_high).float()),
+            "clip_fraction": share(clipped(pg_ratio, advantages, cfg.clip_eps_low, cfg.clip_eps_high).float()),
             "ratio_mean": share(ratio), "logprob_gap": share((s - s_old).abs()),
         }
         if teacher is not None:
@@ -247,7 +320,7 @@ class Objective:
         """k(Δ_t) per token: the sampled estimator, or the full-vocabulary divergence (§2)."""
         if divergence is not None:
             return divergence
-        if not self.needs_teacher:
+        if self.cfg.kd_placement == "none":
             return torch.zeros_like(s)
         if teacher is None:
             raise ValueError(f"kd_estimator={self.cfg.kd_estimator} needs batch.teacher_logprobs")

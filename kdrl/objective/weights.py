@@ -7,12 +7,20 @@
   loss = Σ_t term_t · token_weights_t. Slicing rows keeps this normalisation, so the
   micro-batch losses of one batch add up to the batch loss exactly.
 
+- ROW_WEIGHTS (``row_weights``): ``fn(rewards[B], group_size, correct_threshold,
+  sampler_logprobs[B, R], teacher_logprobs[B, R] or None, response_mask[B, R], temperature)
+  -> (kd_weight[B], nll_weight[B])``, multiplying the KD mask and the likelihood mask (SCOPE).
+- TOKEN_SELECTIONS (``kd_token_selection``): ``fn(response_mask[B, R], sampler_entropy[B, R] or
+  None, divergence[B, R], keep_fraction) -> kd_token_weights[B, R]``: which tokens carry the KD
+  term (TIP).
+
 ``all_reduce_sum`` is applied to every normaliser (token count, row count) so that
 data-parallel ranks share one normalisation; it is the identity on one process.
 """
 from __future__ import annotations
 
-from typing import Callable
+import math
+from typing import Callable, Optional
 
 import torch
 
@@ -91,3 +99,104 @@ LOSS_AGGREGATIONS: dict[str, AggregationFn] = {
     "seq_mean_token_mean": seq_mean_token_mean,
     "seq_mean_token_sum_norm": seq_mean_token_sum_norm,
 }
+
+
+# --------------------------------------------------------------------------- row weights (KD / likelihood)
+
+RowWeightFn = Callable[[Tensor, int, float, Tensor, Optional[Tensor], Tensor, float], tuple[Tensor, Tensor]]
+
+
+def row_weights_none(rewards: Tensor, group_size: int, correct_threshold: float, sampler_logprobs: Tensor,
+                     teacher_logprobs: Optional[Tensor], response_mask: Tensor, temperature: float
+                     ) -> tuple[Tensor, Tensor]:
+    """Every row weighs 1 in both the KD and the likelihood term."""
+    ones = torch.ones_like(upcast(rewards))
+    return ones, ones
+
+
+def mean_response_logprob(logprobs: Tensor, response_mask: Tensor) -> Tensor:
+    """[B]: the mean per-token log-prob over each response's tokens (0 for an empty response)."""
+    mask = upcast(response_mask)
+    return (upcast(logprobs) * mask).sum(-1) / mask.sum(-1).clamp_min(1.0)
+
+
+def group_softmax_weights(scores: Tensor, members: Tensor, group_size: int) -> Tensor:
+    """w_i = n·softmax_{j in set}(scores_j) for rows in the set, 0 elsewhere, within each group;
+    n = the set's size in that group, so the set's weights average 1. An empty set: all 0."""
+    grouped = scores.reshape(-1, group_size)
+    inside = members.reshape(-1, group_size)
+    logits = grouped.masked_fill(~inside, -math.inf)
+    empty = ~inside.any(dim=1, keepdim=True)
+    weights = torch.softmax(logits.masked_fill(empty, 0.0), dim=1)  # empty groups: uniform, zeroed below
+    count = inside.sum(dim=1, keepdim=True).to(weights.dtype)
+    return torch.where(inside, count * weights, torch.zeros_like(weights)).reshape(-1)
+
+
+def row_weights_scope(rewards: Tensor, group_size: int, correct_threshold: float, sampler_logprobs: Tensor,
+                      teacher_logprobs: Optional[Tensor], response_mask: Tensor, temperature: float
+                      ) -> tuple[Tensor, Tensor]:
+    """SCOPE's dual-path routing by correctness within each group (METHODS.md §6).
+
+    Incorrect rows get the KD term, weighted w_tea = n·softmax over the group's incorrect rows of
+    (mean teacher log-prob / T): responses the teacher finds more plausible count more.
+    Correct rows get the likelihood term, weighted w_stu = n·softmax over the group's correct rows
+    of (−mean student log-prob / T): the student's least confident correct responses count more.
+    This follows the paper's text; its released code uses the opposite sign in w_stu. The student
+    log-probs are the sampler's (π_old, no gradient). A group with no incorrect (no correct) rows
+    gives KD (likelihood) weight 0 to every row.
+    """
+    if teacher_logprobs is None:
+        raise ValueError("objective.row_weights=scope needs the teacher's log-probs (model.teacher)")
+    correct = upcast(rewards) >= correct_threshold
+    teacher_mean = mean_response_logprob(teacher_logprobs, response_mask)
+    student_mean = mean_response_logprob(sampler_logprobs, response_mask)
+    w_tea = group_softmax_weights(teacher_mean / temperature, ~correct, group_size)
+    w_stu = group_softmax_weights(-student_mean / temperature, correct, group_size)
+    return w_tea, w_stu
+
+
+ROW_WEIGHTS: dict[str, RowWeightFn] = {"none": row_weights_none, "scope": row_weights_scope}
+
+
+# --------------------------------------------------------------------------- token selection for the KD term
+
+TokenSelectionFn = Callable[[Tensor, Optional[Tensor], Tensor, float], Tensor]
+TIP_ENTROPY_PERCENTILE = 0.98  # ĥ is clipped at this quantile of the batch's entropies (METHODS.md §6)
+
+
+def select_all_tokens(response_mask: Tensor, sampler_entropy: Optional[Tensor], divergence: Tensor,
+                      keep_fraction: float) -> Tensor:
+    """Every response token carries the KD term."""
+    return upcast(response_mask)
+
+
+def select_tip_tokens(response_mask: Tensor, sampler_entropy: Optional[Tensor], divergence: Tensor,
+                      keep_fraction: float) -> Tensor:
+    """TIP (METHODS.md §6): keep the top ``keep_fraction`` of the batch's response tokens by
+    (1 − ĥ_t)·δ_t, "overconfident and wrong" tokens: ĥ_t = min(H_t, H_98) / H_98 with H the
+    sampler's entropy and H_98 its 98th percentile over the batch's tokens; δ_t ≥ 0 the per-token
+    divergence given by the caller. The count kept is ceil(fraction · tokens); ties are broken
+    by position (torch.topk). Kept tokens are scaled by tokens / kept, so that under
+    ``token_mean`` the KD term is the mean over the kept tokens (assumption: TIP trains on the
+    kept tokens only; the scale keeps β comparable to unselected KD).
+    """
+    if sampler_entropy is None:
+        raise ValueError("objective.kd_token_selection=tip needs the sampler's entropy (rollouts.sampler_entropy)")
+    mask = upcast(response_mask)
+    valid = mask > 0
+    total = int(valid.sum())
+    if total == 0:
+        return mask
+    entropy = upcast(sampler_entropy)[valid]
+    ceiling = torch.quantile(entropy, TIP_ENTROPY_PERCENTILE)
+    normalised = (entropy.clamp(max=ceiling) / ceiling) if ceiling > 0 else torch.zeros_like(entropy)
+    score = (1.0 - normalised) * upcast(divergence)[valid]
+    kept = min(total, max(1, math.ceil(round(keep_fraction * total, 9))))  # 0.2·15 is 3, not 4
+    chosen = torch.zeros_like(score)
+    chosen[score.topk(kept).indices] = total / kept
+    out = torch.zeros_like(mask)
+    out[valid] = chosen
+    return out
+
+
+TOKEN_SELECTIONS: dict[str, TokenSelectionFn] = {"all": select_all_tokens, "tip": select_tip_tokens}

@@ -57,7 +57,7 @@ class HFRolloutEngine:
         temperature = sampling.temperature if sampling.temperature > 0 else 1.0
         was_training = self.model.training
         self.model.eval()
-        chunks_ids, chunks_logprobs = [], []
+        chunks_ids, chunks_logprobs, chunks_entropy = [], [], []
         try:
             for start in range(0, len(row_prompts), self.generation_batch_size):
                 ids = prompt_ids[start:start + self.generation_batch_size].to(device)
@@ -66,9 +66,12 @@ class HFRolloutEngine:
                                                   generation_config=generation_config)
                 response = out.sequences[:, width:]
                 logits = torch.stack(out.logits, dim=1).float() / temperature  # [rows, R, V]
-                logprobs = logits.log_softmax(-1).gather(-1, response[..., None]).squeeze(-1)
+                all_logprobs = logits.log_softmax(-1)
+                logprobs = all_logprobs.gather(-1, response[..., None]).squeeze(-1)
+                entropy = -(all_logprobs.exp() * all_logprobs).nan_to_num().sum(-1)  # H of pi_old per position
                 chunks_ids.append(response.cpu())
                 chunks_logprobs.append(logprobs.cpu())
+                chunks_entropy.append(entropy.cpu())
         finally:
             self.model.train(was_training)
 
@@ -77,14 +80,18 @@ class HFRolloutEngine:
                                   for c in chunks_ids])
         sampler_logprobs = torch.cat([torch.nn.functional.pad(c, (0, length - c.shape[1]))
                                       for c in chunks_logprobs])
+        sampler_entropy = torch.cat([torch.nn.functional.pad(c, (0, length - c.shape[1]))
+                                     for c in chunks_entropy])
         response_mask, truncated = response_mask_until_eos(response_ids, self.tokenizer.eos_token_id)
         response_ids = response_ids.masked_fill(response_mask == 0, pad_id)
         sampler_logprobs = sampler_logprobs * response_mask
+        sampler_entropy = sampler_entropy * response_mask
         texts = self.tokenizer.batch_decode(
             [ids[mask.bool()].tolist() for ids, mask in zip(response_ids, response_mask)], skip_special_tokens=True)
         return Rollouts(problems=list(problems), group_size=n, prompt_ids=prompt_ids, prompt_mask=prompt_mask,
                         response_ids=response_ids, response_mask=response_mask, sampler_logprobs=sampler_logprobs,
-                        response_texts=texts, truncated=truncated, sources=["policy"] * len(row_prompts))
+                        response_texts=texts, truncated=truncated, sources=["policy"] * len(row_prompts),
+                        sampler_entropy=sampler_entropy)
 
 
 def response_mask_until_eos(response_ids: torch.Tensor, eos_token_id: Any) -> tuple[torch.Tensor, torch.Tensor]:
