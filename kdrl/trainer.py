@@ -18,7 +18,7 @@ import random
 import time
 import warnings
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Optional
@@ -28,10 +28,12 @@ import torch
 from kdrl import checkpoint as ckpt
 from kdrl.config import Config, ConfigError, save_config
 from kdrl.data import DataError, PromptSampler, format_prompt, load_problems
+from kdrl.distributed import (Distributed, QuietLogger, full_model_state, full_optimizer_state, grad_norm_value,
+                              init_distributed, load_optimizer_state, reduce_metrics, shard_model)
 from kdrl.evaluate import evaluate_problems
 from kdrl.logger import MetricsLogger, plot_run
 from kdrl.models import (ModelError, check_tokenizers_compatible, context_length, load_model, load_tokenizer,
-                         logit_scale, output_projection, pick_device, response_hidden_states)
+                         logit_scale, output_projection, response_hidden_states)
 from kdrl.objective import Objective
 from kdrl.rewards import combine_rewards
 from kdrl.rollout import SamplingParams, make_engine
@@ -68,6 +70,7 @@ class Run:
     sampling_engine: Any = None  # generates the training rollouts (the teacher for SFT on teacher traces)
     teacher_scorer: Optional[LocalTeacher] = None
     reference_scorer: Optional[LocalTeacher] = None
+    dist: Distributed = field(default_factory=Distributed)  # this process's rank (kdrl.distributed)
 
 
 def parse_reward_specs(specs: list[str]) -> list[tuple[str, float]]:
@@ -122,8 +125,10 @@ def lr_lambda(config: Config):
 
 
 def setup(config: Config, resume: Optional[str | Path] = None) -> Run:
-    seed_everything(config.train.seed)
-    device = pick_device(config.train.device)
+    info, device = init_distributed(config.train.device)  # torchrun: one process per device
+    if info.enabled:
+        info.share(config.rollout.prompts_per_step)  # an uneven split is an error before anything runs
+    seed_everything(config.train.seed + info.rank)
     resume_from, state = None, None
     if resume is not None:
         run_dir = Path(resume)
@@ -132,7 +137,7 @@ def setup(config: Config, resume: Optional[str | Path] = None) -> Run:
             raise ckpt.CheckpointError(f"{run_dir}: no complete checkpoint to resume from")
         state = ckpt.load_trainer_state(resume_from)
     else:
-        run_dir = Path(config.log.run_dir) if config.log.run_dir else default_run_dir(config)
+        run_dir = Path(info.broadcast_object(str(config.log.run_dir or default_run_dir(config))))
 
     # Everything a user can get wrong is checked before the run directory is written.
     tokenizer = load_tokenizer(config.model.student, config.model.trust_remote_code)
@@ -161,6 +166,7 @@ def setup(config: Config, resume: Optional[str | Path] = None) -> Run:
                          config.model, device, trainable=True,
                          adapter=resume_from / "adapter" if lora_resume else None)
     set_cpu_threads(config.train.cpu_threads, device, student)
+    student = shard_model(student, info)  # FSDP2 over the processes (no-op on one)
     teacher = None
     if config.model.teacher is not None and (config.objective.kd_placement != "none"
                                              or config.rollout.policy == "teacher"):
@@ -196,7 +202,7 @@ def setup(config: Config, resume: Optional[str | Path] = None) -> Run:
     objective = Objective(config.objective, total_steps=config.train.steps,
                           max_response_len=config.rollout.max_new_tokens,
                           correct_threshold=config.reward.correct_threshold,
-                          temperature=config.rollout.temperature)
+                          temperature=config.rollout.temperature, all_reduce_sum=info.all_reduce_sum)
     trainable = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.train.learning_rate, weight_decay=config.train.weight_decay,
                                   betas=(config.train.adam_beta1, config.train.adam_beta2))
@@ -206,7 +212,7 @@ def setup(config: Config, resume: Optional[str | Path] = None) -> Run:
     step, streak = 0, 0
     if state is not None:
         try:
-            optimizer.load_state_dict(state["optimizer"])
+            load_optimizer_state(student, optimizer, state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
         except (ValueError, KeyError) as error:  # e.g. LoRA switched on or off since the checkpoint
             raise ckpt.CheckpointError(f"{resume_from}: the optimizer state does not fit this model ({error})") \
@@ -219,13 +225,16 @@ def setup(config: Config, resume: Optional[str | Path] = None) -> Run:
         prompt_order.load_state_dict(state["prompt_order"])
         step, streak = int(state["step"]), int(state.get("nonfinite_streak", 0))
 
-    run_dir.mkdir(parents=True, exist_ok=True)  # everything is checked: now the run directory is written
-    save_config(config, run_dir / "config.yaml")
-    if state is not None:
-        truncate_metrics(run_dir, step)
-    logger = MetricsLogger(run_dir, config.log, config.train.steps, initial_step=step)
+    if info.is_main:  # everything is checked: now the run directory is written, once
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / "config.yaml")
+        if state is not None:
+            truncate_metrics(run_dir, step)
+    info.barrier()
+    logger = MetricsLogger(run_dir, config.log, config.train.steps, initial_step=step) if info.is_main \
+        else QuietLogger()
     run = Run(config, run_dir, device, tokenizer, student, teacher, reference, train_problems, eval_sets, reward_fn,
-              objective, optimizer, scheduler, prompt_order, logger, step=step, nonfinite_streak=streak)
+              objective, optimizer, scheduler, prompt_order, logger, step=step, nonfinite_streak=streak, dist=info)
     run.student_engine = make_engine(config.rollout.engine, model=student, tokenizer=tokenizer, encode=encode,
                                      generation_batch_size=config.rollout.generation_batch_size)
     run.sampling_engine = run.student_engine if config.rollout.policy == "student" else make_engine(
@@ -239,6 +248,8 @@ def setup(config: Config, resume: Optional[str | Path] = None) -> Run:
         if reference is not None else None
     if state is not None:
         ckpt.set_rng_state(state["rng"])  # last: the generators continue exactly from the checkpoint moment
+        if info.rank > 0:  # rank 0's state was saved; the others get their own stream from it
+            seed_everything(config.train.seed + info.rank + 1_000_003 * step)
     return run
 
 
@@ -340,7 +351,7 @@ def update(run: Run, batch: TrainBatch) -> dict[str, float]:
             for key, value in micro_metrics.items():
                 metrics[key] = metrics.get(key, 0.0) + float(value) * scale
         trainable = [p for p in run.student.parameters() if p.requires_grad]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, train.max_grad_norm))
+        grad_norm = grad_norm_value(torch.nn.utils.clip_grad_norm_(trainable, train.max_grad_norm))
         metrics["grad_norm"] = grad_norm
         if not loss_finite or not math.isfinite(metrics.get("loss", 0.0)) or not math.isfinite(grad_norm):
             run.optimizer.zero_grad(set_to_none=True)
@@ -368,7 +379,8 @@ def nonfinite_term(metrics: dict[str, Any]) -> str:
 def training_step(run: Run) -> dict[str, Any]:
     config, timings = run.config, {}
     sampling = SamplingParams(config.rollout.temperature, config.rollout.top_p, config.rollout.max_new_tokens)
-    problems = [run.train_problems[i] for i in run.prompt_order.next(config.rollout.prompts_per_step)]
+    order = run.prompt_order.next(config.rollout.prompts_per_step)  # the global batch; this rank's share:
+    problems = [run.train_problems[i] for i in order[run.dist.share(len(order))]]
     with timed(timings, "generate"):
         rollouts = run.sampling_engine.generate(problems, config.rollout.group_size, sampling)
     with timed(timings, "reward"):
@@ -381,9 +393,9 @@ def training_step(run: Run) -> dict[str, Any]:
     with timed(timings, "train"):
         update_metrics = update(run, batch)
     run.step += 1
-    return {**step_metrics(run, rollouts, rewards, batch), **update_metrics, **timings,
-            "tokens_per_second": float(rollouts.response_mask.sum()) / max(1e-9, sum(timings.values())),
-            "_rollouts": rollouts, "_rewards": rewards}
+    metrics = {**step_metrics(run, rollouts, rewards, batch), **update_metrics, **timings,
+               "tokens_per_second": float(rollouts.response_mask.sum()) / max(1e-9, sum(timings.values()))}
+    return {**reduce_metrics(metrics, run.dist), "_rollouts": rollouts, "_rewards": rewards}
 
 
 def step_metrics(run: Run, rollouts: Rollouts, rewards: torch.Tensor, batch: TrainBatch) -> dict[str, float]:
@@ -416,17 +428,27 @@ def save(run: Run) -> Path:
     if latest is not None and latest.name == ckpt.step_name(run.step):
         path = latest  # already saved at this step (the final save after a periodic one): same weights
     else:
-        bad = [name for name, p in run.student.named_parameters() if not bool(torch.isfinite(p).all())]
-        if bad:  # never replace a good checkpoint with a broken one
-            raise TrainingStopped(f"step {run.step}: non-finite weights ({bad[0]}); not saved. The last good "
-                                  f"checkpoint in {run.run_dir} is kept")
-        state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+        bad = [name for name, p in run.student.named_parameters() if not bool(torch.isfinite(_local(p)).all())]
+        if run.dist.all_reduce_sum(torch.tensor(float(len(bad)))) > 0:  # never replace a good checkpoint
+            raise TrainingStopped(f"step {run.step}: non-finite weights ({bad[0] if bad else 'on another rank'}); "
+                                  f"not saved. The last good checkpoint in {run.run_dir} is kept")
+        # Several processes: full weights and optimizer state are gathered on every rank, written by rank 0.
+        weights, optimizer_state = full_model_state(run.student), full_optimizer_state(run.student, run.optimizer)
+        state = {"optimizer": optimizer_state, "scheduler": run.scheduler.state_dict(),
                  "prompt_order": run.prompt_order.state_dict(), "nonfinite_streak": run.nonfinite_streak,
                  "rng": rng}
-        path = ckpt.save_checkpoint(run.run_dir, run.step, run.student, run.tokenizer, state,
-                                    run.config.checkpoint.keep_last)
-    ckpt.link_final(run.run_dir, path)
+        path = ckpt.checkpoint_dir(run.run_dir) / ckpt.step_name(run.step)
+        if run.dist.is_main:
+            path = ckpt.save_checkpoint(run.run_dir, run.step, run.student, run.tokenizer, state,
+                                        run.config.checkpoint.keep_last, state_dict=weights)
+    if run.dist.is_main:
+        ckpt.link_final(run.run_dir, path)
+    run.dist.barrier()
     return path
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor  # this rank's shard of a DTensor
 
 
 def train(config: Config, resume: Optional[str | Path] = None) -> dict[str, Any]:
@@ -437,7 +459,8 @@ def train(config: Config, resume: Optional[str | Path] = None) -> dict[str, Any]
     if run.step == 0 and config.eval.before and config.data.eval:
         before = evaluate_student(run)
         logger.log(0, before, kind="eval")
-        (run.run_dir / "eval_before.json").write_text(json.dumps(before, indent=2))
+        if run.dist.is_main:
+            (run.run_dir / "eval_before.json").write_text(json.dumps(before, indent=2))
     elif run.step > 0 and (run.run_dir / "eval_before.json").is_file():  # resumed: evaluated once, read back
         before = json.loads((run.run_dir / "eval_before.json").read_text())
     started = time.perf_counter()
@@ -468,16 +491,17 @@ def train(config: Config, resume: Optional[str | Path] = None) -> dict[str, Any]
         logger.close()
     wall = time.perf_counter() - started
     after = evaluate_student(run) if config.data.eval else {}
-    if after:
+    if after and run.dist.is_main:
         _append_eval(run, after)
     if config.checkpoint.save_final:
         save(run)
     summary = {"run_dir": str(run.run_dir), "steps": run.step, "train_seconds": wall,
                "before": before, "after": after}
-    (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    if config.log.plot:
-        plot_run(run.run_dir)
-    print(summary_table(before, after, wall, run.step), flush=True)
+    if run.dist.is_main:
+        (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if config.log.plot:
+            plot_run(run.run_dir)
+        print(summary_table(before, after, wall, run.step), flush=True)
     return summary
 
 

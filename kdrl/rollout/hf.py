@@ -5,6 +5,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from kdrl.distributed import gathered_for_generation
 from kdrl.models import unwrap
 from kdrl.rollout import SamplingParams
 from kdrl.types import Problem, Rollouts
@@ -59,16 +60,17 @@ class HFRolloutEngine:
         self.model.eval()
         chunks_ids, chunks_logprobs = [], []
         try:
-            for start in range(0, len(row_prompts), self.generation_batch_size):
-                ids = prompt_ids[start:start + self.generation_batch_size].to(device)
-                mask = prompt_mask[start:start + self.generation_batch_size].to(device)
-                out = unwrap(self.model).generate(input_ids=ids, attention_mask=mask,
-                                                  generation_config=generation_config)
-                response = out.sequences[:, width:]
-                logits = torch.stack(out.logits, dim=1).float() / temperature  # [rows, R, V]
-                logprobs = logits.log_softmax(-1).gather(-1, response[..., None]).squeeze(-1)
-                chunks_ids.append(response.cpu())
-                chunks_logprobs.append(logprobs.cpu())
+            with gathered_for_generation(self.model):  # FSDP2: the full weights once, not per token
+                for start in range(0, len(row_prompts), self.generation_batch_size):
+                    ids = prompt_ids[start:start + self.generation_batch_size].to(device)
+                    mask = prompt_mask[start:start + self.generation_batch_size].to(device)
+                    out = unwrap(self.model).generate(input_ids=ids, attention_mask=mask,
+                                                      generation_config=generation_config)
+                    response = out.sequences[:, width:]
+                    logits = torch.stack(out.logits, dim=1).float() / temperature  # [rows, R, V]
+                    logprobs = logits.log_softmax(-1).gather(-1, response[..., None]).squeeze(-1)
+                    chunks_ids.append(response.cpu())
+                    chunks_logprobs.append(logprobs.cpu())
         finally:
             self.model.train(was_training)
 
