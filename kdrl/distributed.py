@@ -157,14 +157,16 @@ def gathered_for_generation(model: torch.nn.Module):
     per decoding step, and ranks that stop early (EOS) need not wait for the others' collectives."""
     modules = fsdp_modules(model)
     for module in modules:
-        module.set_reshard_after_forward(False)
+        module.set_reshard_after_forward(False, recurse=False)
         module.unshard()
     try:
         yield
     finally:
         for module in modules:
             module.reshard()
-            module.set_reshard_after_forward(True)
+            # FSDP2's defaults again: the root keeps its weights (the output projection is read after
+            # its forward, by the chunked loss); the layers reshard after forward
+            module.set_reshard_after_forward(module is not model, recurse=False)
 
 
 def grad_norm_value(norm: torch.Tensor) -> float:
