@@ -124,7 +124,10 @@ def shard_model(model: torch.nn.Module, info: Distributed) -> torch.nn.Module:
     from kdrl.models import unwrap
 
     if hasattr(model, "peft_config"):
-        raise ValueError("model.lora.enabled with several processes is not supported yet (FSDP2 + peft)")
+        from kdrl.config import ConfigError
+
+        raise ConfigError("model.lora.enabled: LoRA with several processes is not supported yet (FSDP2 + peft); "
+                          "run it in one process")
     inner = unwrap(model)
     layers = getattr(inner.base_model, "layers", None)
     for layer in layers if layers is not None else []:

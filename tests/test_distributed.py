@@ -133,3 +133,13 @@ def test_uneven_prompt_split_is_an_error():
     assert Distributed(rank=1, world_size=2).share(4) == slice(2, 4)
     with pytest.raises(ValueError, match="split evenly"):
         Distributed(rank=0, world_size=3).share(4)
+
+
+@pytest.mark.parametrize("recipe", sorted((Path(__file__).parent.parent / "recipes" / "paper").glob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_paper_recipes_are_valid_and_memory_sane(recipe):
+    config = load_config(recipe)
+    assert config.model.dtype == "bfloat16" and config.model.gradient_checkpointing
+    assert config.rollout.max_new_tokens == 8192 and config.train.micro_batch_size <= 2
+    assert config.rollout.prompts_per_step % 8 == 0  # splits over 8 processes
+    assert config.objective.chunk_size <= 256
