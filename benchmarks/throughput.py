@@ -210,8 +210,10 @@ def markdown(results: dict) -> str:
                          f"{m['time_teacher']:.3f} | {m['time_train']:.3f} | {m['step_seconds']:.3f} | "
                          f"{r['tokens_per_second']:.0f} | {r['peak_rss_gib']:.2f} |")
     lines += ["", "Medians over the measured steps (after one warm-up). Real steps sample different rollouts "
-              "per method, so their step times also differ by response lengths; the KD cost is measured on "
-              "identical rollouts:", "",
+              "per method, so their step times also differ by response lengths, and each method ran in its own "
+              "process at a different time on a machine shared with other jobs (a phase both methods share, "
+              "like generate, shows that noise). The KD cost is therefore measured on identical rollouts, "
+              "grpo and kdrl interleaved in one process:", "",
               "| config | teacher alone s | grpo learn s | kdrl learn s | KD overhead s | overhead / teacher | "
               "bound 1.15 |", "|---|---|---|---|---|---|---|"]
     for name, entry in results["configs"].items():

@@ -126,8 +126,9 @@ def lr_lambda(config: Config):
 
 def setup(config: Config, resume: Optional[str | Path] = None) -> Run:
     info, device = init_distributed(config.train.device)  # torchrun: one process per device
-    if info.enabled:
-        info.share(config.rollout.prompts_per_step)  # an uneven split is an error before anything runs
+    if config.rollout.prompts_per_step % info.world_size:
+        raise ConfigError(f"rollout.prompts_per_step={config.rollout.prompts_per_step} must be a multiple of the "
+                          f"{info.world_size} processes (it is the global batch, split evenly)")
     seed_everything(config.train.seed + info.rank)
     resume_from, state = None, None
     if resume is not None:
