@@ -46,8 +46,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-def save_model(model: torch.nn.Module, tokenizer: Any, path: Path) -> None:
-    """Hugging Face format; a LoRA student is saved merged, plus its adapter."""
+def save_model(model: torch.nn.Module, tokenizer: Any, path: Path,
+               state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
+    """Hugging Face format; a LoRA student is saved merged, plus its adapter. ``state_dict``: the
+    full weights gathered from several processes (kdrl.distributed), saved in place of the module's."""
     from kdrl.models import unwrap
 
     if hasattr(model, "merge_and_unload") and hasattr(model, "peft_config"):
@@ -57,7 +59,8 @@ def save_model(model: torch.nn.Module, tokenizer: Any, path: Path) -> None:
         merged = copy.deepcopy(model).merge_and_unload()
         merged.save_pretrained(str(path), safe_serialization=True)
     else:
-        unwrap(model).save_pretrained(str(path), safe_serialization=True)
+        unwrap(model).save_pretrained(str(path), safe_serialization=True,
+                                      **({"state_dict": state_dict} if state_dict is not None else {}))
     tokenizer.save_pretrained(str(path))
 
 
@@ -66,7 +69,8 @@ def step_name(step: int) -> str:
 
 
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, tokenizer: Any,
-                    trainer_state: dict[str, Any], keep_last: int) -> Path:
+                    trainer_state: dict[str, Any], keep_last: int,
+                    state_dict: Optional[dict[str, torch.Tensor]] = None) -> Path:
     """Write ``step-NNNNNNNN`` atomically: a temporary directory, fsynced, then renamed into place.
 
     The random generator states are taken first, before anything is written, so they are the
@@ -83,7 +87,7 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, tokenizer:
     if temporary.exists():
         shutil.rmtree(temporary)
     temporary.mkdir()
-    save_model(model, tokenizer, temporary)
+    save_model(model, tokenizer, temporary, **({"state_dict": state_dict} if state_dict is not None else {}))
     torch.save(state, temporary / STATE_FILE)
     _fsync_tree(temporary)
     (temporary / COMPLETE_MARKER).write_text(str(step))  # written last: its presence means complete

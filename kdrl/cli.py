@@ -35,6 +35,7 @@ def resolve_recipe(name: Optional[str]) -> Optional[Path]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from kdrl.distributed import close_distributed
     from kdrl.trainer import train
 
     recipe, overrides = args.recipe, list(args.overrides)
@@ -51,7 +52,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = load_config(saved, overrides)
     else:
         config = load_config(resolve_recipe(recipe), overrides)
-    train(config, resume=args.resume)
+    try:
+        train(config, resume=args.resume)  # under torchrun: one process per device (kdrl.distributed)
+    finally:
+        close_distributed()
     return 0
 
 

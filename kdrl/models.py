@@ -175,7 +175,8 @@ def response_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, atte
     the objective projects chunk by chunk.
     """
     # peft injects LoRA layers into the same modules, so the unwrapped backbone includes them.
-    decoder = unwrap(model).base_model
+    # Under FSDP2 the decoder runs through the root's registered forward method (kdrl.distributed).
+    decoder = getattr(model, "kdrl_decoder_forward", None) or unwrap(model).base_model
     outputs = decoder(input_ids=input_ids, attention_mask=attention_mask,
                       position_ids=position_ids_from_mask(attention_mask), use_cache=False)
     hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]

@@ -18,7 +18,7 @@ import random
 import time
 import warnings
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Optional
@@ -28,11 +28,13 @@ import torch
 from kdrl import checkpoint as ckpt
 from kdrl.config import Config, ConfigError, save_config
 from kdrl.data import DataError, PromptSampler, format_prompt, load_problems
+from kdrl.distributed import (Distributed, QuietLogger, full_model_state, full_optimizer_state, grad_norm_value,
+                              init_distributed, load_optimizer_state, reduce_metrics, shard_model)
 from kdrl.evaluate import evaluate_problems
 from kdrl.logger import MetricsLogger, plot_run
 from kdrl.methods import attach, load_method_inputs
 from kdrl.models import (ModelError, check_tokenizers_compatible, context_length, load_model, load_tokenizer,
-                         logit_scale, output_projection, pick_device, response_hidden_states)
+                         logit_scale, output_projection, response_hidden_states)
 from kdrl.objective import Objective
 from kdrl.onpolicy import (ON_POLICY_SOURCES, SELF, DatasetResponses, RolloutSource, SelfTeacher, needs_reference_model,
                            needs_teacher_model, solution_users)
@@ -72,6 +74,7 @@ class Run:
     teacher_scorer: Optional[LocalTeacher | SelfTeacher] = None
     reference_scorer: Optional[LocalTeacher] = None
     failed_groups: Any = None  # what to do with groups in which every response failed (ghpo, ampo)
+    dist: Distributed = field(default_factory=Distributed)  # this process's rank (kdrl.distributed)
 
 
 def parse_reward_specs(specs: list[str]) -> list[tuple[str, float]]:
@@ -126,8 +129,11 @@ def lr_lambda(config: Config):
 
 
 def setup(config: Config, resume: Optional[str | Path] = None) -> Run:
-    seed_everything(config.train.seed)
-    device = pick_device(config.train.device)
+    info, device = init_distributed(config.train.device)  # torchrun: one process per device
+    if config.rollout.prompts_per_step % info.world_size:
+        raise ConfigError(f"rollout.prompts_per_step={config.rollout.prompts_per_step} must be a multiple of the "
+                          f"{info.world_size} processes (it is the global batch, split evenly)")
+    seed_everything(config.train.seed + info.rank)
     resume_from, state = None, None
     if resume is not None:
         run_dir = Path(resume)
@@ -136,7 +142,7 @@ def setup(config: Config, resume: Optional[str | Path] = None) -> Run:
             raise ckpt.CheckpointError(f"{run_dir}: no complete checkpoint to resume from")
         state = ckpt.load_trainer_state(resume_from)
     else:
-        run_dir = Path(config.log.run_dir) if config.log.run_dir else default_run_dir(config)
+        run_dir = Path(info.broadcast_object(str(config.log.run_dir or default_run_dir(config))))
 
     # Everything a user can get wrong is checked before the run directory is written.
     tokenizer = load_tokenizer(config.model.student, config.model.trust_remote_code)
@@ -165,6 +171,7 @@ def setup(config: Config, resume: Optional[str | Path] = None) -> Run:
                          config.model, device, trainable=True,
                          adapter=resume_from / "adapter" if lora_resume else None)
     set_cpu_threads(config.train.cpu_threads, device, student)
+    student = shard_model(student, info)  # FSDP2 over the processes (no-op on one)
     teacher = None
     if needs_teacher_model(config) and config.teacher_cache.path is None and not config.teachers.routes:
         teacher = load_model(config.model.teacher, config.model, device, trainable=False)
@@ -199,7 +206,7 @@ def setup(config: Config, resume: Optional[str | Path] = None) -> Run:
     objective = Objective(config.objective, total_steps=config.train.steps,
                           max_response_len=config.rollout.max_new_tokens,
                           correct_threshold=config.reward.correct_threshold,
-                          temperature=config.rollout.temperature)
+                          temperature=config.rollout.temperature, all_reduce_sum=info.all_reduce_sum)
     methods = load_method_inputs(config, train_problems, tokenizer, student, device, objective)  # METHODS.md §6
     train_problems = methods.train_problems  # the cached prompts when training from a teacher cache
     trainable = [p for p in student.parameters() if p.requires_grad]
@@ -211,7 +218,7 @@ def setup(config: Config, resume: Optional[str | Path] = None) -> Run:
     step, streak = 0, 0
     if state is not None:
         try:
-            optimizer.load_state_dict(state["optimizer"])
+            load_optimizer_state(student, optimizer, state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
         except (ValueError, KeyError) as error:  # e.g. LoRA switched on or off since the checkpoint
             raise ckpt.CheckpointError(f"{resume_from}: the optimizer state does not fit this model ({error})") \
@@ -224,13 +231,16 @@ def setup(config: Config, resume: Optional[str | Path] = None) -> Run:
         prompt_order.load_state_dict(state["prompt_order"])
         step, streak = int(state["step"]), int(state.get("nonfinite_streak", 0))
 
-    run_dir.mkdir(parents=True, exist_ok=True)  # everything is checked: now the run directory is written
-    save_config(config, run_dir / "config.yaml")
-    if state is not None:
-        truncate_metrics(run_dir, step)
-    logger = MetricsLogger(run_dir, config.log, config.train.steps, initial_step=step)
+    if info.is_main:  # everything is checked: now the run directory is written, once
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / "config.yaml")
+        if state is not None:
+            truncate_metrics(run_dir, step)
+    info.barrier()
+    logger = MetricsLogger(run_dir, config.log, config.train.steps, initial_step=step) if info.is_main \
+        else QuietLogger()
     run = Run(config, run_dir, device, tokenizer, student, teacher, reference, train_problems, eval_sets, reward_fn,
-              objective, optimizer, scheduler, prompt_order, logger, step=step, nonfinite_streak=streak)
+              objective, optimizer, scheduler, prompt_order, logger, step=step, nonfinite_streak=streak, dist=info)
     run.student_engine = make_engine(config.rollout.engine, model=student, tokenizer=tokenizer, encode=encode,
                                      generation_batch_size=config.rollout.generation_batch_size)
     run.sampling_engine = make_rollout_source(config, run, teacher, encode)
@@ -247,6 +257,8 @@ def setup(config: Config, resume: Optional[str | Path] = None) -> Run:
     attach(run, methods)  # teacher cache replay, routed teachers, failed-group action
     if state is not None:
         ckpt.set_rng_state(state["rng"])  # last: the generators continue exactly from the checkpoint moment
+        if info.rank > 0:  # rank 0's state was saved; the others get their own stream from it
+            seed_everything(config.train.seed + info.rank + 1_000_003 * step)
     return run
 
 
@@ -375,7 +387,7 @@ def update(run: Run, batch: TrainBatch) -> dict[str, float]:
             for key, value in micro_metrics.items():
                 metrics[key] = metrics.get(key, 0.0) + float(value) * scale
         trainable = [p for p in run.student.parameters() if p.requires_grad]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, train.max_grad_norm))
+        grad_norm = grad_norm_value(torch.nn.utils.clip_grad_norm_(trainable, train.max_grad_norm))
         metrics["grad_norm"] = grad_norm
         if not loss_finite or not math.isfinite(metrics.get("loss", 0.0)) or not math.isfinite(grad_norm):
             run.optimizer.zero_grad(set_to_none=True)
@@ -403,7 +415,8 @@ def nonfinite_term(metrics: dict[str, Any]) -> str:
 def training_step(run: Run) -> dict[str, Any]:
     config, timings = run.config, {}
     sampling = SamplingParams(config.rollout.temperature, config.rollout.top_p, config.rollout.max_new_tokens)
-    problems = [run.train_problems[i] for i in run.prompt_order.next(config.rollout.prompts_per_step)]
+    order = run.prompt_order.next(config.rollout.prompts_per_step)  # the global batch; this rank's share:
+    problems = [run.train_problems[i] for i in order[run.dist.share(len(order))]]
     with timed(timings, "generate"):
         rollouts = run.sampling_engine.generate(problems, config.rollout.group_size, sampling, step=run.step)
     with timed(timings, "reward"):
@@ -420,9 +433,9 @@ def training_step(run: Run) -> dict[str, Any]:
         if run.teacher_scorer is not None:
             run.teacher_scorer.after_update()  # an EMA self-teacher follows the student
     run.step += 1
-    return {**step_metrics(run, rollouts, rewards, batch), **rescue_metrics, **update_metrics, **timings,
-            "tokens_per_second": float(rollouts.response_mask.sum()) / max(1e-9, sum(timings.values())),
-            "_rollouts": rollouts, "_rewards": rewards}
+    metrics = {**step_metrics(run, rollouts, rewards, batch), **rescue_metrics, **update_metrics, **timings,
+               "tokens_per_second": float(rollouts.response_mask.sum()) / max(1e-9, sum(timings.values()))}
+    return {**reduce_metrics(metrics, run.dist), "_rollouts": rollouts, "_rewards": rewards}
 
 
 def step_metrics(run: Run, rollouts: Rollouts, rewards: torch.Tensor, batch: TrainBatch) -> dict[str, float]:
@@ -455,19 +468,29 @@ def save(run: Run) -> Path:
     if latest is not None and latest.name == ckpt.step_name(run.step):
         path = latest  # already saved at this step (the final save after a periodic one): same weights
     else:
-        bad = [name for name, p in run.student.named_parameters() if not bool(torch.isfinite(p).all())]
-        if bad:  # never replace a good checkpoint with a broken one
-            raise TrainingStopped(f"step {run.step}: non-finite weights ({bad[0]}); not saved. The last good "
-                                  f"checkpoint in {run.run_dir} is kept")
-        state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+        bad = [name for name, p in run.student.named_parameters() if not bool(torch.isfinite(_local(p)).all())]
+        if run.dist.all_reduce_sum(torch.tensor(float(len(bad)))) > 0:  # never replace a good checkpoint
+            raise TrainingStopped(f"step {run.step}: non-finite weights ({bad[0] if bad else 'on another rank'}); "
+                                  f"not saved. The last good checkpoint in {run.run_dir} is kept")
+        # Several processes: full weights and optimizer state are gathered on every rank, written by rank 0.
+        weights, optimizer_state = full_model_state(run.student), full_optimizer_state(run.student, run.optimizer)
+        state = {"optimizer": optimizer_state, "scheduler": run.scheduler.state_dict(),
                  "prompt_order": run.prompt_order.state_dict(), "nonfinite_streak": run.nonfinite_streak,
                  "rng": rng}
         if isinstance(run.teacher_scorer, SelfTeacher):
             state["self_teacher"] = run.teacher_scorer.state_dict()
-        path = ckpt.save_checkpoint(run.run_dir, run.step, run.student, run.tokenizer, state,
-                                    run.config.checkpoint.keep_last)
-    ckpt.link_final(run.run_dir, path)
+        path = ckpt.checkpoint_dir(run.run_dir) / ckpt.step_name(run.step)
+        if run.dist.is_main:
+            path = ckpt.save_checkpoint(run.run_dir, run.step, run.student, run.tokenizer, state,
+                                        run.config.checkpoint.keep_last, state_dict=weights)
+    if run.dist.is_main:
+        ckpt.link_final(run.run_dir, path)
+    run.dist.barrier()
     return path
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor  # this rank's shard of a DTensor
 
 
 def train(config: Config, resume: Optional[str | Path] = None) -> dict[str, Any]:
@@ -478,7 +501,8 @@ def train(config: Config, resume: Optional[str | Path] = None) -> dict[str, Any]
     if run.step == 0 and config.eval.before and config.data.eval:
         before = evaluate_student(run)
         logger.log(0, before, kind="eval")
-        (run.run_dir / "eval_before.json").write_text(json.dumps(before, indent=2))
+        if run.dist.is_main:
+            (run.run_dir / "eval_before.json").write_text(json.dumps(before, indent=2))
     elif run.step > 0 and (run.run_dir / "eval_before.json").is_file():  # resumed: evaluated once, read back
         before = json.loads((run.run_dir / "eval_before.json").read_text())
     started = time.perf_counter()
@@ -509,16 +533,17 @@ def train(config: Config, resume: Optional[str | Path] = None) -> dict[str, Any]
         logger.close()
     wall = time.perf_counter() - started
     after = evaluate_student(run) if config.data.eval else {}
-    if after:
+    if after and run.dist.is_main:
         _append_eval(run, after)
     if config.checkpoint.save_final:
         save(run)
     summary = {"run_dir": str(run.run_dir), "steps": run.step, "train_seconds": wall,
                "before": before, "after": after}
-    (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    if config.log.plot:
-        plot_run(run.run_dir)
-    print(summary_table(before, after, wall, run.step), flush=True)
+    if run.dist.is_main:
+        (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if config.log.plot:
+            plot_run(run.run_dir)
+        print(summary_table(before, after, wall, run.step), flush=True)
     return summary
 
 

@@ -194,3 +194,54 @@ def test_metric_only_entropy_has_no_graph():
     assert lp.requires_grad and not ent.requires_grad
     _, ent_ref, _ = vocab_terms(student_hidden, weight, bias, ids)
     torch.testing.assert_close(ent, ent_ref.detach())
+
+
+@pytest.mark.parametrize("divergence, kw", [("rkl", {}), ("jsd", {"beta": 0.7})])
+def test_chunked_equals_unchunked_at_a_temperature(divergence, kw):
+    (lp, ent, div), grads = _values_and_grads(vocab_terms, divergence, temperature=0.7, **kw)
+    (lp_c, ent_c, div_c), grads_c = _values_and_grads(
+        lambda *a, **k: vocab_terms_chunked(*a, chunk_size=2, **k), divergence, temperature=0.7, **kw)
+    for a, b in zip((lp_c, ent_c, div_c, *grads_c), (lp, ent, div, *grads)):
+        torch.testing.assert_close(a, b)
+    (lp_1, *_), _ = _values_and_grads(vocab_terms, divergence, **kw)
+    assert not torch.allclose(lp, lp_1)  # the temperature is applied, not ignored
+
+
+def _peak_live_bytes(fn) -> int:
+    """Highest total of live CPU tensor bytes while ``fn`` runs (torch's allocator events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
+    live = peak = 0
+    for event in events:
+        live += event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak
+
+
+@pytest.mark.parametrize("divergence", ["rkl", "fkl", "jsd"])
+def test_chunked_backward_keeps_one_chunk_of_logits_alive(divergence):
+    """The loss and its backward hold O(chunk · V) bytes at a time, not O(N · V): each chunk is
+    recomputed in backward and freed before the next (benchmarks/kd_memory.py measures it at scale)."""
+    n, v, h, chunk = 128, 2048, 8, 8
+    g = torch.Generator().manual_seed(0)
+    student_hidden = torch.randn(n, h, generator=g, requires_grad=True)
+    weight = torch.randn(v, h, generator=g, requires_grad=True)
+    ids = torch.randint(v, (n,), generator=g)
+    teacher_hidden, teacher_weight = torch.randn(n, h, generator=g), torch.randn(v, h, generator=g)
+
+    def run(fn):
+        def loss_and_backward():
+            lp, _, div = fn(student_hidden, weight, None, ids, teacher_hidden, teacher_weight, divergence,
+                            entropy_grad=False)
+            (lp.sum() + div.sum()).backward()
+        return _peak_live_bytes(loss_and_backward)
+
+    plain = run(vocab_terms)
+    chunked = run(lambda *a, **k: vocab_terms_chunked(*a, chunk_size=chunk, **k))
+    row_bytes = v * 4  # one float32 row of logits
+    assert plain >= 3 * n * row_bytes  # several [N, V] tensors alive at once
+    assert chunked <= 16 * chunk * row_bytes + 2 * weight.numel() * 4  # a few [chunk, V] + the weight grad
+    assert chunked * 8 < plain

@@ -1,0 +1,77 @@
+"""The hf engine: one prefill per prompt group, EOS per sequence, exact sampler log-probs from generate."""
+import pytest
+import torch
+
+from kdrl.config import load_config
+from kdrl.models import output_projection, response_hidden_states
+from kdrl.rollout import SamplingParams
+
+
+@pytest.fixture
+def run(tiny_overrides):
+    from kdrl.trainer import setup
+
+    return setup(load_config(None, tiny_overrides))
+
+
+def _recomputed_logprobs(run, rollouts, temperature):
+    """log softmax(logits / T) of the sampled tokens, from a separate full forward pass."""
+    with torch.no_grad():
+        hidden = response_hidden_states(run.student, rollouts.input_ids(), rollouts.attention_mask(),
+                                        rollouts.prompt_ids.shape[1])
+        weight, bias = output_projection(run.student)
+        logprobs = torch.log_softmax((hidden @ weight.T) / temperature, -1)
+    return logprobs, logprobs.gather(-1, rollouts.response_ids[..., None]).squeeze(-1)
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 0.8)])
+def test_sampler_logprobs_equal_a_recomputed_forward(run, temperature, top_p):
+    torch.manual_seed(0)
+    rollouts = run.student_engine.generate(run.train_problems[:3], 4, SamplingParams(temperature, top_p, 24))
+    full, recomputed = _recomputed_logprobs(run, rollouts, temperature)
+    mask = rollouts.response_mask
+    torch.testing.assert_close(rollouts.sampler_logprobs, recomputed * mask, atol=2e-5, rtol=0)
+    # top-p: every sampled token lies in the nucleus (tokens more likely than it hold < top_p of the mass)
+    probs = full.exp()
+    chosen = probs.gather(-1, rollouts.response_ids[..., None])
+    mass_above = (probs * (probs > chosen)).sum(-1)
+    assert bool((mass_above[mask > 0] < top_p + 1e-6).all())
+
+
+def test_each_sequence_stops_at_its_own_eos(run):
+    torch.manual_seed(1)
+    rollouts = run.student_engine.generate(run.train_problems[:4], 4, SamplingParams(1.0, 1.0, 40))
+    lengths = rollouts.response_mask.sum(-1)
+    assert lengths.unique().numel() > 1  # rows end at different steps
+    eos = run.tokenizer.eos_token_id
+    for row in range(rollouts.num_rows):
+        n = int(lengths[row])
+        if not rollouts.truncated[row]:
+            assert int(rollouts.response_ids[row, n - 1]) == eos  # the last kept token is the EOS
+        assert bool((rollouts.response_ids[row, n:] == run.tokenizer.pad_token_id).all())
+        assert bool((rollouts.sampler_logprobs[row, n:] == 0).all())
+
+
+def test_each_prompt_is_prefilled_once_for_its_group(run):
+    """The model sees each prompt's tokens once (batch = prompts), then one token per row and step;
+    greedy output equals plain generate on the G-times repeated prompts (what num_return_sequences does)."""
+    problems, group = run.train_problems[:3], 4
+    calls = []
+    hook = run.student.register_forward_pre_hook(lambda module, args, kwargs: calls.append(
+        tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+    try:
+        rollouts = run.student_engine.generate(problems, group, SamplingParams(0.0, 1.0, 10))
+    finally:
+        hook.remove()
+    width = rollouts.prompt_ids.shape[1]
+    assert calls[0] == (len(problems), width - 1)  # the prefill: one row per prompt
+    assert all(shape == (len(problems) * group, 1) for shape in calls[1:])  # then single tokens per row
+
+    plain = run.student.generate(input_ids=rollouts.prompt_ids, attention_mask=rollouts.prompt_mask,
+                                 do_sample=False, max_new_tokens=10,
+                                 pad_token_id=run.tokenizer.pad_token_id, eos_token_id=run.tokenizer.eos_token_id,
+                                 top_k=None, top_p=None, temperature=None)
+    expected = plain[:, width:]
+    got = rollouts.response_ids[:, :expected.shape[1]]
+    mask = rollouts.response_mask[:, :expected.shape[1]] > 0
+    assert torch.equal(got[mask], expected[mask])
