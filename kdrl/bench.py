@@ -91,9 +91,11 @@ def table_rows(runs: dict[str, list[dict]], target: float) -> list[dict]:
         row: dict = {"method": method, "seeds": len(summaries)}
         sets = sorted({k.split("/")[0] for s in summaries for k in s["after"] if k.endswith("/accuracy")})
         for name in sets:
+            samples = max(int(s["after"].get(f"{name}/samples", 1)) for s in summaries)
+            # avg@k, pass@k at the largest k (pass@1 is avg@k again), maj@k, mean response length
             keys = sorted({k.split("/", 1)[1] for s in summaries for k in s["after"]
-                           if k.startswith(name + "/") and (k.endswith("accuracy") or "pass@" in k
-                                                            or k.endswith("response_length"))})
+                           if k in (f"{name}/accuracy", f"{name}/pass@{samples}", f"{name}/maj@{samples}",
+                                    f"{name}/response_length")})
             for key in keys:
                 row[f"{name}/{key}"] = _mean_std([s["after"][f"{name}/{key}"] for s in summaries
                                                   if f"{name}/{key}" in s["after"]])
@@ -135,8 +137,11 @@ def markdown(results: dict) -> str:
         cells.append(f"{mean:.0f} ± {std:.0f}")
         lines.append("| " + " | ".join(cells) + " |")
     seeds = ", ".join(map(str, results["seeds"]))
-    lines += ["", f"Mean ± standard deviation over seeds {seeds}. Command: `{results['command']}`. "
-                  f"Whole benchmark: {results['total_seconds'] / 60:.1f} min."]
+    run_minutes = sum(mean * row["seeds"] for row in rows for mean in [row["wall_seconds"][0]]) / 60
+    lines += ["", f"Mean ± standard deviation over seeds {seeds}; accuracy is avg@k, the mean over k samples per "
+                  f"problem. Command: `{results['command']}`. This invocation: {results['total_seconds'] / 60:.1f} "
+                  f"min with {results['jobs']} run(s) at once; the runs' own wall times sum to {run_minutes:.1f} min "
+                  "(finished runs found in the output directory are read back, not retrained)."]
     return "\n".join(lines)
 
 
