@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 python benchmarks/throughput.py --out benchmarks/results/throughput
 
-Two configurations: the bundled models and task (the embedded default run's batch), and a larger
+Two configurations: the bundled models and task (16 prompts x 8), and a larger
 one built here (randomly initialised Qwen2 student ~23M and teacher ~42M parameters, vocabulary
 32,768, fixed-length responses). For each, in a fresh process per method:
 
@@ -163,7 +163,8 @@ def main() -> int:
         larger = build_larger_models(root / "models", args.vocab)
         configs = {
             "bundled": {"description": "bundled student 0.58M / teacher 2.4M, vocab 258; 16 prompts x 8, "
-                                       "up to 64 tokens (the embedded default run's batch)", "overrides": []},
+                                       "up to 64 tokens (twice the default run's batch)",
+                        "overrides": ["rollout.prompts_per_step=16"]},
             "larger": {"description": f"random Qwen2 student {larger['student_params'] / 1e6:.1f}M / teacher "
                                       f"{larger['teacher_params'] / 1e6:.1f}M, vocab {args.vocab:,}; 4 prompts x 4, "
                                       "32 tokens",
