@@ -4,3 +4,11 @@ varied rewards within a group so every policy-gradient method has a signal to fo
 
 def char_parity(problem, response: str) -> float:
     return float(sum(map(ord, response)) % 2)
+
+
+def even_answer(problem, response: str) -> float:
+    """1 when the last boxed answer is an even digit: easy for the bundled student to learn."""
+    import re
+
+    answers = re.findall(r"\\boxed\{(\d)\}", response)
+    return 1.0 if answers and int(answers[-1]) % 2 == 0 else 0.0

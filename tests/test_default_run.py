@@ -7,6 +7,8 @@ KD term or a broken reward turns it red; float noise across machines does not.
 """
 from __future__ import annotations
 
+import json
+
 from kdrl.config import load_config
 from kdrl.trainer import train
 
@@ -23,3 +25,18 @@ def test_short_default_run_improves_bundled_student(tmp_path):
     before, after = summary["before"]["test_id/accuracy"], summary["after"]["test_id/accuracy"]
     assert summary["after"]["test_id/num_problems"] == 200
     assert after - before >= MARGIN, f"in-distribution accuracy {before:.3f} -> {after:.3f}"
+
+
+def test_grpo_learns_an_easy_reward_on_the_bundled_student(tmp_path):
+    """GRPO alone learns little on the bundled task at this budget (see the README's comparison);
+    this shows the policy gradient itself works: rewarding an even final digit, the rollout reward
+    must climb (measured 0.60 over steps 1-5 -> 0.95 over steps 16-20)."""
+    config = load_config("recipes/grpo.yaml", [
+        "reward.functions=[kdrl_test_rewards:even_answer]", "train.steps=20", "eval.before=false", "data.eval=[]",
+        "log.progress=false", "log.plot=false", "checkpoint.save_final=false", f"log.run_dir={tmp_path / 'run'}",
+    ])
+    train(config)
+    rewards = [json.loads(line)["reward"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+               if '"train"' in line]
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    assert last >= first + 0.2, f"reward {first:.2f} -> {last:.2f}"
