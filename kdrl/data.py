@@ -69,7 +69,8 @@ def _lines(path: Path) -> Iterable[tuple[int, str]]:
                 raise DataError(f"{path}:{line_number}: not UTF-8 text") from None
 
 
-def _read_jsonl(path: Path) -> Iterable[tuple[str, int, Any]]:
+def read_jsonl(path: Path) -> Iterable[tuple[str, int, Any]]:
+    """(``file:line``, row index, parsed row) for each non-blank line; bad JSON or bytes name the line."""
     row_index = 0  # ids default to the 0-based row number, as for Parquet
     for line_number, line in _lines(path):
         if not line.strip():
@@ -133,7 +134,7 @@ def load_problems(spec: str, prompt_field: str = "prompt", answer_field: str = "
     if path.is_dir():
         rows = _read_hf_dataset_dir(path, None)
     elif suffix in (".jsonl", ".ndjson"):
-        rows = _read_jsonl(path)
+        rows = read_jsonl(path)
     elif suffix == ".json":
         rows = _read_json(path)
     elif suffix in (".parquet", ".pq"):

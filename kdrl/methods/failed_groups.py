@@ -18,12 +18,11 @@ that did not fail are never touched.
 """
 from __future__ import annotations
 
-import json
 from typing import Any, Callable, Optional
 
 import torch
 
-from kdrl.data import DataError, resolve_data_path
+from kdrl.data import DataError, read_jsonl, resolve_data_path
 from kdrl.methods.rows import Row, pack, subset, unpack
 from kdrl.rollout import SamplingParams
 from kdrl.types import Problem, Rollouts
@@ -100,16 +99,9 @@ def load_solution_files(paths: list[str], solution_field: str = "solution") -> d
     """{problem id: [solution, ...]} from JSONL files of ``{"id": ..., "solution": ...}`` (one per teacher)."""
     pools: dict[str, list[str]] = {}
     for spec in paths:
-        path = resolve_data_path(spec)
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+        for where, _, row in read_jsonl(resolve_data_path(spec)):
             if not isinstance(row, dict) or row.get("id") is None or not isinstance(row.get(solution_field), str):
-                raise DataError(f"{path}:{number}: a teacher solution needs 'id' and a string '{solution_field}'")
+                raise DataError(f"{where}: a teacher solution needs 'id' and a string '{solution_field}'")
             pools.setdefault(str(row["id"]), []).append(row[solution_field])
     return pools
 
