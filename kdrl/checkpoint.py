@@ -59,8 +59,7 @@ def save_model(model: torch.nn.Module, tokenizer: Any, path: Path,
         merged = copy.deepcopy(model).merge_and_unload()
         merged.save_pretrained(str(path), safe_serialization=True)
     else:
-        unwrap(model).save_pretrained(str(path), safe_serialization=True,
-                                      **({"state_dict": state_dict} if state_dict is not None else {}))
+        unwrap(model).save_pretrained(str(path), safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(str(path))
 
 
@@ -87,7 +86,7 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, tokenizer:
     if temporary.exists():
         shutil.rmtree(temporary)
     temporary.mkdir()
-    save_model(model, tokenizer, temporary, **({"state_dict": state_dict} if state_dict is not None else {}))
+    save_model(model, tokenizer, temporary, state_dict=state_dict)
     torch.save(state, temporary / STATE_FILE)
     _fsync_tree(temporary)
     (temporary / COMPLETE_MARKER).write_text(str(step))  # written last: its presence means complete

@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from kdrl.config import Config, SelfTeacherConfig
+from kdrl.objective.loss import uses_reference_logprobs, uses_teacher_logprobs
 from kdrl.rollout import SamplingParams
 from kdrl.teachers import LocalTeacher
 from kdrl.types import Problem, Rollouts, TeacherOutput
@@ -33,18 +34,19 @@ ON_POLICY_SOURCES = ("student", "policy")
 
 
 def needs_teacher_model(config: Config) -> bool:
-    """A separate teacher model is loaded: it scores (KD, RLAD's anchor) or writes responses."""
+    """``model.teacher`` is loaded: it scores (KD, RLAD's anchor) or writes responses, and no other
+    teacher stands in for it (a teacher cache, routed teachers, or the student itself)."""
     rollout = config.rollout
     writes = rollout.policy == "teacher" or (rollout.policy == "mixed" and rollout.off_policy_source == "teacher"
                                              and rollout.on_policy_fraction < 1)
-    scores = config.objective.kd_placement != "none" or config.objective.ratio_anchor_alpha != 1.0
-    return config.model.teacher not in (None, SELF) and (writes or scores)
+    replaced = config.teacher_cache.path is not None or bool(config.teachers.routes)
+    return config.model.teacher not in (None, SELF) and not replaced and \
+        (writes or uses_teacher_logprobs(config.objective))
 
 
 def needs_reference_model(config: Config) -> bool:
-    """A frozen reference: the reference KL, or ExOPD's reward scale λ ≠ 1."""
-    objective = config.objective
-    return objective.ref_kl_coef > 0 or (objective.kd_placement == "advantage" and objective.kd_reward_scale != 1)
+    """A frozen reference model is loaded (the objective reads its log-probs)."""
+    return uses_reference_logprobs(config.objective)
 
 
 def solution_users(config: Config) -> list[str]:

@@ -173,7 +173,7 @@ def setup(config: Config, resume: Optional[str | Path] = None) -> Run:
     set_cpu_threads(config.train.cpu_threads, device, student)
     student = shard_model(student, info)  # FSDP2 over the processes (no-op on one)
     teacher = None
-    if needs_teacher_model(config) and config.teacher_cache.path is None and not config.teachers.routes:
+    if needs_teacher_model(config):
         teacher = load_model(config.model.teacher, config.model, device, trainable=False)
         check_tokenizers_compatible(tokenizer, load_tokenizer(config.model.teacher, config.model.trust_remote_code),
                                     "teacher", student, teacher)

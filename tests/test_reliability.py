@@ -182,8 +182,8 @@ real_save_model = checkpoint.save_model
 calls = []
 
 
-def slow_save_model(model, tokenizer, path):
-    real_save_model(model, tokenizer, path)  # the weights and tokenizer files are written...
+def slow_save_model(model, tokenizer, path, state_dict=None):
+    real_save_model(model, tokenizer, path, state_dict=state_dict)  # the weights and tokenizer files are written...
     calls.append(path)
     if len(calls) == 2:  # ...but not the trainer state, nor the COMPLETE marker
         Path(os.environ["KDRL_TEST_SIGNAL"]).write_text(str(path))

@@ -97,6 +97,16 @@ def anchored_log_denominator(sampler_logprobs: Tensor, teacher_logprobs: Optiona
     return alpha * sampler_logprobs + (1.0 - alpha) * teacher_logprobs
 
 
+def uses_teacher_logprobs(cfg: ObjectiveConfig) -> bool:
+    """The teacher's log-probs enter the loss: the KD term, or RLAD's ratio anchor (α < 1)."""
+    return cfg.kd_placement != "none" or cfg.ratio_anchor_alpha != 1.0
+
+
+def uses_reference_logprobs(cfg: ObjectiveConfig) -> bool:
+    """A frozen reference's log-probs enter the loss: the reference KL, or ExOPD's reward scale λ ≠ 1."""
+    return cfg.ref_kl_coef != 0 or (cfg.kd_placement == "advantage" and cfg.kd_reward_scale != 1)
+
+
 def kd_row_coef(batch: TrainBatch) -> Tensor | float:
     """The per-row KD coefficient (several teachers, each with its own β multiplier), 1 if unset."""
     return 1.0 if batch.kd_coef is None else upcast(batch.kd_coef)
@@ -144,11 +154,10 @@ class Objective:
         self.correct_threshold = correct_threshold
         self.all_reduce_sum = all_reduce_sum or identity
         self.temperature = temperature
-        # the teacher's log-probs: for the KD term, or for RLAD's ratio anchor
-        self.needs_teacher = cfg.kd_placement != "none" or cfg.ratio_anchor_alpha != 1.0
+        self.needs_teacher = uses_teacher_logprobs(cfg)
         self.kd_in_loss = cfg.kd_placement == "loss"
         self.needs_teacher_hidden = self.kd_in_loss and cfg.kd_estimator in VOCAB_DIVERGENCES
-        self.needs_reference = cfg.ref_kl_coef != 0 or (cfg.kd_placement == "advantage" and cfg.kd_reward_scale != 1)
+        self.needs_reference = uses_reference_logprobs(cfg)
         # with no outcome advantage and no KD in the advantage, Â ≡ 0: the PG term is skipped
         self.uses_pg = cfg.pg_coef != 0 and (cfg.advantage != "none" or cfg.kd_placement == "advantage")
         self._divergence_kwargs = {"jsd": {"beta": cfg.jsd_beta}, "topk": {"k": cfg.kd_topk}}.get(cfg.kd_estimator, {})
