@@ -39,7 +39,8 @@ class Rollouts:
     sampler_logprobs: torch.Tensor  # [B, R] float, log pi_old of each sampled token
     response_texts: list[str]
     truncated: torch.Tensor  # [B] bool, hit max_new_tokens without EOS
-    # Per-row source: "student" on-policy, "teacher" / "dataset" for off-policy rows.
+    # Per-row source: who wrote the row ("student"/"policy" are on-policy, see
+    # kdrl.onpolicy.ON_POLICY_SOURCES; "teacher", "dataset", "cache", "teacher_solution" are not).
     sources: list[str] = field(default_factory=list)
     sampler_entropy: Optional[torch.Tensor] = None  # [B, R] float, entropy of pi_old at each position
 
