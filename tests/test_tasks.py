@@ -167,30 +167,34 @@ def test_sums_every_reference_solution_verifies_and_corruptions_fail(sum_problem
     for ps in sum_problems.values():
         for p in ps[:200]:
             assert sums.is_correct(p, p["solution"])
-            assert sums.chain_correct(p["prompt"], p["answer"], p["solution"])
-            problem = Problem(id=p["id"], prompt=p["prompt"], answer=p["answer"])
+            problem = Problem(id=p["id"], prompt=p["prompt"], answer=p["answer"], metadata=p["metadata"])
+            assert sums.chain_correct(problem, p["solution"]) and sums.chain_correct(p, p["solution"])
             assert math_reward(problem, p["solution"]) == 1.0
             wrong = str(int(p["answer"]) + 1)
             body = p["solution"].rsplit("\\boxed", 1)[0]
             assert not sums.is_correct(p, body + f"\\boxed{{{wrong}}}")
             assert math_reward(problem, body + f"\\boxed{{{wrong}}}") == 0.0
-            assert not sums.chain_correct(p["prompt"], p["answer"], body + f"\\boxed{{{wrong}}}")
+            assert not sums.chain_correct(problem, body + f"\\boxed{{{wrong}}}")
+            # one wrong intermediate total, the right final answer: outcome reward yes, chain no
+            first = sums.reference_steps(p["prompt"])[0]
+            bad = p["solution"].replace(f"={first[3]} ", f"={first[3] + 1} ", 1)
+            assert math_reward(problem, bad) == 1.0 and not sums.chain_correct(problem, bad)
             assert not sums.is_correct(p, body + p["answer"])  # no box
 
 
 def test_sums_chain_correct_on_hand_made_responses():
     prompt, answer = "47+8-3+9=?\n", "61"
     right = "47+8=55 55-3=52 52+9=61 \\boxed{61}"
-    assert sums.chain_correct(prompt, answer, right)
+    assert sums.steps_correct(prompt, answer, right)
     # the right answer through a wrong step (two errors that cancel): outcome yes, chain no
     assert sums.is_correct({"answer": answer}, "47+8=54 54-3=52 52+9=61 \\boxed{61}")
-    assert not sums.chain_correct(prompt, answer, "47+8=54 54-3=52 52+9=61 \\boxed{61}")
-    assert not sums.chain_correct(prompt, answer, "47+8=55 52+9=61 \\boxed{61}")  # a step skipped
-    assert not sums.chain_correct(prompt, answer, "\\boxed{61}")  # no chain at all
-    assert not sums.chain_correct(prompt, answer, "47+8=55 55+3=58 58+9=61 \\boxed{61}")  # wrong operator copied
-    assert not sums.chain_correct(prompt, answer, right + " 61+1=62")  # a step after the box
-    assert not sums.chain_correct(prompt, answer, "47+8=55 55-3=52 52+9=61 \\boxed{62}")
-    assert sums.chain_correct(prompt, answer, "47+8=55  55-3=52, 52+9=61 so \\boxed{61}")  # spacing is free
+    assert not sums.steps_correct(prompt, answer, "47+8=54 54-3=52 52+9=61 \\boxed{61}")
+    assert not sums.steps_correct(prompt, answer, "47+8=55 52+9=61 \\boxed{61}")  # a step skipped
+    assert not sums.steps_correct(prompt, answer, "\\boxed{61}")  # no chain at all
+    assert not sums.steps_correct(prompt, answer, "47+8=55 55+3=58 58+9=61 \\boxed{61}")  # wrong operator copied
+    assert not sums.steps_correct(prompt, answer, right + " 61+1=62")  # a step after the box
+    assert not sums.steps_correct(prompt, answer, "47+8=55 55-3=52 52+9=61 \\boxed{62}")
+    assert sums.steps_correct(prompt, answer, "47+8=55  55-3=52, 52+9=61 so \\boxed{61}")  # spacing is free
 
 
 def test_sums_guessing_does_not_pay(sum_problems):

@@ -24,7 +24,7 @@ Splits (``SPLITS``), by the number of steps (operations):
   how much of it the student solves.
 
 Grading: ``is_correct`` compares the last ``\\boxed{}`` with the answer (the
-reward uses kdrl's math verifier on the same box); ``chain_correct`` also asks
+reward uses kdrl's math verifier on the same box); ``chain_correct`` (the process metric) also asks
 that the response's steps are exactly the reference steps, in order (the whole
 chain right, not only the answer).  Answers are spread over 0..99: the best
 constant answer and a random in-range answer each score about 1-2% (measured
@@ -113,7 +113,15 @@ def is_correct(problem: dict, response: str) -> bool:
     return got is not None and got.strip() == str(problem["answer"]).strip()
 
 
-def chain_correct(prompt: str, answer: str, response: str) -> bool:
+def chain_correct(problem, response: str) -> bool:
+    """The process metric (kdrl.tasks.process_metric): ``steps_correct`` of a kdrl ``Problem``
+    (or a problem dict) and a response."""
+    if isinstance(problem, dict):
+        return steps_correct(problem["prompt"], problem["answer"], response)
+    return steps_correct(problem.prompt, problem.answer, response)
+
+
+def steps_correct(prompt: str, answer: str, response: str) -> bool:
     """The whole chain right: the boxed answer is right and the ``a<op>b=c`` steps written in the
     response (anywhere outside the last ``\\boxed{}``) are exactly the reference steps, in order."""
     got = extract_boxed(response)
