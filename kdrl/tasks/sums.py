@@ -62,7 +62,7 @@ class SumsTaskConfig:
     # 6 steps and the box fit the default 64-token generation budget (at most 58 characters)
     ood_max_steps: int = 6
     sft_long_min_steps: int = 5  # the rare long chains of the sft pool span sft_long_min..ood_max steps
-    sft_long_fraction: float = 0.02
+    sft_long_fraction: float = 0.06
     heldout_mod: int = 5
 
     def __post_init__(self):
