@@ -40,13 +40,17 @@ class Rollouts:
     response_texts: list[str]
     truncated: torch.Tensor  # [B] bool, hit max_new_tokens without EOS
     # Per-row source: who wrote the row ("student"/"policy" are on-policy, see
-    # kdrl.onpolicy.ON_POLICY_SOURCES; "teacher", "dataset", "cache", "teacher_solution" are not).
+    # kdrl.rollout.sources.ON_POLICY_SOURCES; "teacher", "dataset", "cache", "teacher_solution" are not).
     sources: list[str] = field(default_factory=list)
     sampler_entropy: Optional[torch.Tensor] = None  # [B, R] float, entropy of pi_old at each position
 
     @property
     def num_rows(self) -> int:
         return self.response_ids.shape[0]
+
+    def row_problems(self) -> list[Problem]:
+        """The problem each row answers (row b: ``problems[b // group_size]``)."""
+        return [self.problems[b // self.group_size] for b in range(self.num_rows)]
 
     def input_ids(self) -> torch.Tensor:
         return torch.cat([self.prompt_ids, self.response_ids], dim=1)

@@ -10,15 +10,15 @@ import pytest
 import torch
 
 from kdrl.config import ConfigError, TeacherRoute, load_config
-from kdrl.methods.failed_groups import (HintResampler, TeacherSolutionReplacer, all_failed_groups, hint_text,
-                                        load_solution_files)
-from kdrl.methods.routing import RoutedTeacher, pick_route
-from kdrl.methods.rows import Row, pack
-from kdrl.methods.teacher_cache import (CachedRolloutEngine, CachedTeacher, TeacherCacheError, build_teacher_cache,
-                                        load_teacher_cache)
 from kdrl.models import load_tokenizer
 from kdrl.objective.offpolicy import shaped_offpolicy_pg
 from kdrl.rollout import SamplingParams
+from kdrl.rollout.failed_groups import (HintResampler, TeacherSolutionReplacer, all_failed_groups, hint_text,
+                                        load_solution_files)
+from kdrl.rollout.rows import Row, pack
+from kdrl.rollout.sources import CachedRollouts
+from kdrl.teachers.cache import CachedTeacher, TeacherCacheError, build_teacher_cache, load_teacher_cache
+from kdrl.teachers.routed import RoutedTeacher, pick_route
 from kdrl.types import Problem, TeacherOutput
 from test_objective import make_batch, make_objective
 
@@ -74,7 +74,7 @@ def test_cache_round_trip_equals_live_teacher(tiny_overrides, tiny_assets, tmp_p
     device = pick_device("cpu")
     student = load_model(config.model.student, config.model, device, trainable=False)
     teacher = load_model(config.model.teacher, config.model, device, trainable=False)
-    engine = CachedRolloutEngine(cache, LocalTeacher(student))
+    engine = CachedRollouts(cache, LocalTeacher(student))
     rollouts = engine.generate(cache.problems[1:], 2, SamplingParams())
     assert rollouts.num_rows == 4 and rollouts.sources == ["cache"] * 4
     cached = CachedTeacher(cache).score(rollouts).token_logprobs
@@ -84,17 +84,19 @@ def test_cache_round_trip_equals_live_teacher(tiny_overrides, tiny_assets, tmp_p
     # recomputed log pi_old of the (unchanged) initial student equals the sampler's stored log-probs
     stored = cache.tensors["sampler_logprobs"][cache.rows_of(cache.problems[1:]), :rollouts.response_ids.shape[1]]
     torch.testing.assert_close(rollouts.sampler_logprobs, stored, atol=1e-4, rtol=0)
-    assert torch.equal(CachedRolloutEngine(cache).generate(cache.problems[1:], 2, SamplingParams()).sampler_logprobs,
+    assert torch.equal(CachedRollouts(cache).generate(cache.problems[1:], 2, SamplingParams()).sampler_logprobs,
                        stored)
 
 
 def test_training_from_cache_loads_no_teacher(tiny_overrides, tmp_path):
-    from kdrl.trainer import setup, training_step
+    from kdrl.build import build, needs_teacher_model
+    from kdrl.trainer import training_step
 
     overrides = cache_overrides(tiny_overrides, tmp_path)
     build_teacher_cache(load_config(RECIPES / "lightning_opd.yaml", overrides))
-    run = setup(load_config(RECIPES / "lightning_opd.yaml", overrides))
-    assert run.teacher is None and isinstance(run.teacher_scorer, CachedTeacher)
+    run = build(load_config(RECIPES / "lightning_opd.yaml", overrides))
+    assert not needs_teacher_model(run.config) and isinstance(run.teacher_scorer, CachedTeacher)
+    assert isinstance(run.sampling_source, CachedRollouts)
     assert len(run.train_problems) == 3
     metrics = training_step(run)
     assert math.isfinite(metrics["loss"]) and metrics["ratio_mean"] == pytest.approx(1.0, abs=1e-4)
@@ -228,7 +230,7 @@ class HintEngine:
     def __init__(self, tokenizer, needed):
         self.tokenizer, self.needed, self.calls = tokenizer, needed, []
 
-    def generate(self, problems, n, sampling, prompt_suffixes=None):
+    def generate(self, problems, n, sampling, step=0, prompt_suffixes=None):
         self.calls.append([(p.id, s) for p, s in zip(problems, prompt_suffixes)])
         texts = [f"\\boxed{{{p.answer}}}" if len(s) >= self.needed[p.id] and j == 0 else "no"
                  for p, s in zip(problems, prompt_suffixes) for j in range(n)]
@@ -294,12 +296,12 @@ def test_routed_teacher_scores_each_row_with_its_teacher_and_beta(tokenizer):
 
 
 def test_unmatched_problem_is_an_error_at_load_time(tiny_overrides, tmp_path):
-    from kdrl.trainer import setup
+    from kdrl.build import build
 
     config = load_config(RECIPES / "multi_teacher.yaml", tiny_overrides)
     config.teachers.routes = config.teachers.routes[:1]  # steps 2-3 only: 4- and 5-step problems match nothing
     with pytest.raises(ConfigError, match=r"teachers.routes: problem '.*' \(steps=[45]\) matches no route"):
-        setup(config)
+        build(config)
     assert not (tmp_path / "run").exists()
 
 

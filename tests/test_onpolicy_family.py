@@ -15,8 +15,9 @@ from kdrl.config import BetaConfig, ConfigError, ObjectiveConfig, SelfTeacherCon
 from kdrl.objective import Objective
 from kdrl.objective.loss import anchored_log_denominator, kd_advantage
 from kdrl.objective.weights import ROW_WEIGHTS, TOKEN_SELECTIONS, group_softmax_weights
-from kdrl.onpolicy import (DatasetResponses, RolloutSource, SelfTeacher, on_policy_at, privileged_problem,
-                           solution_users)
+from kdrl.build import solution_users
+from kdrl.rollout.sources import DatasetResponses, RolloutSource, on_policy_at
+from kdrl.teachers.self_teacher import SelfTeacher, privileged_problem
 from kdrl.types import Problem, StudentOutput
 from test_objective import make_batch
 
@@ -265,7 +266,7 @@ def test_opsd_without_privileged_context_has_zero_kd_signal_at_the_start(tmp_pat
 
 def test_opsd_without_solutions_is_an_error_naming_the_problem(tiny_overrides, tmp_path):
     from kdrl.data import DataError
-    from kdrl.trainer import setup
+    from kdrl.build import build
 
     data = tmp_path / "no_solution.jsonl"
     data.write_text('{"id": "a", "prompt": "1+1=?\\n", "answer": "2", "solution": "1+1=2 \\\\boxed{2}"}\n'
@@ -274,7 +275,7 @@ def test_opsd_without_solutions_is_an_error_naming_the_problem(tiny_overrides, t
     config = load_config(RECIPES / "opsd.yaml", overrides + [f"data.train={data}"])
     assert solution_users(config) == ["model.teacher=self (privileged context)"]
     with pytest.raises(DataError, match=r"no_solution.jsonl:2: .*'b7'.*model.teacher=self"):
-        setup(config)
+        build(config)
     assert not (tmp_path / "run").exists()
 
 
@@ -294,6 +295,7 @@ def test_dataset_responses_are_the_solutions_and_marked_off_policy(tiny_assets):
     from kdrl.config import ModelConfig
     from kdrl.models import load_model, load_tokenizer
     from kdrl.rollout import SamplingParams
+    from kdrl.teachers import LocalTeacher
     from kdrl.trainer import make_batch as trainer_make_batch
 
     tokenizer = load_tokenizer(str(tiny_assets / "student"))
@@ -301,7 +303,7 @@ def test_dataset_responses_are_the_solutions_and_marked_off_policy(tiny_assets):
     encode = lambda problem, suffix="": tokenizer(problem.prompt + suffix)["input_ids"]  # noqa: E731
     problems = [Problem(id="a", prompt="1+1=?\n", answer="2", solution="1+1=2 \\boxed{2}"),
                 Problem(id="b", prompt="3*3=?\n", answer="9", solution="3*3=9 \\boxed{9}")]
-    engine = DatasetResponses(model, tokenizer, encode)
+    engine = DatasetResponses(tokenizer, encode, LocalTeacher(model))
     source = RolloutSource("dataset", {"dataset": engine})
     rollouts = source.generate(problems, 4, SamplingParams(max_new_tokens=64))
     assert rollouts.group_size == 1 and rollouts.num_rows == 2 and rollouts.sources == ["dataset", "dataset"]
@@ -312,10 +314,7 @@ def test_dataset_responses_are_the_solutions_and_marked_off_policy(tiny_assets):
     assert torch.all(rollouts.sampler_logprobs[rollouts.response_mask > 0] < 0)  # the student's scores
     short = engine.generate(problems, 1, SamplingParams(max_new_tokens=5))
     assert short.truncated.all() and short.response_ids.shape[1] == 5
-
-    class _Run:  # make_batch reads nothing else from the run
-        config = None
-    batch = trainer_make_batch(_Run(), rollouts, torch.ones(2), None, None)
+    batch = trainer_make_batch(rollouts, torch.ones(2), None, None)
     assert batch.on_policy.tolist() == [0.0, 0.0]  # off-policy: the ratio cap applies
 
 

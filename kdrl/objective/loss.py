@@ -12,8 +12,8 @@ PG ratio's denominator can be anchored to π_old^α·π_T^(1−α) (``ratio_anch
 """
 from __future__ import annotations
 
-from dataclasses import replace
-from typing import Callable, Optional
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -97,14 +97,21 @@ def anchored_log_denominator(sampler_logprobs: Tensor, teacher_logprobs: Optiona
     return alpha * sampler_logprobs + (1.0 - alpha) * teacher_logprobs
 
 
-def uses_teacher_logprobs(cfg: ObjectiveConfig) -> bool:
-    """The teacher's log-probs enter the loss: the KD term, or RLAD's ratio anchor (α < 1)."""
-    return cfg.kd_placement != "none" or cfg.ratio_anchor_alpha != 1.0
+@dataclass(frozen=True)
+class ObjectiveInputs:
+    """Which batch inputs the configured registry entries read: the one rule for which teacher and
+    reference a run loads (as verl's distillation settings declare top-k / full / estimator needs)."""
+
+    teacher_logprobs: bool  # the KD term, or RLAD's ratio anchor (α < 1)
+    teacher_hidden: bool  # a full-vocabulary KD term (VOCAB_DIVERGENCES) in the loss
+    reference_logprobs: bool  # the reference KL, or ExOPD's reward scale λ ≠ 1
 
 
-def uses_reference_logprobs(cfg: ObjectiveConfig) -> bool:
-    """A frozen reference's log-probs enter the loss: the reference KL, or ExOPD's reward scale λ ≠ 1."""
-    return cfg.ref_kl_coef != 0 or (cfg.kd_placement == "advantage" and cfg.kd_reward_scale != 1)
+def objective_inputs(cfg: ObjectiveConfig) -> ObjectiveInputs:
+    return ObjectiveInputs(
+        teacher_logprobs=cfg.kd_placement != "none" or cfg.ratio_anchor_alpha != 1.0,
+        teacher_hidden=cfg.kd_placement == "loss" and cfg.kd_estimator in VOCAB_DIVERGENCES,
+        reference_logprobs=cfg.ref_kl_coef != 0 or (cfg.kd_placement == "advantage" and cfg.kd_reward_scale != 1))
 
 
 def kd_row_coef(batch: TrainBatch) -> Tensor | float:
@@ -154,13 +161,27 @@ class Objective:
         self.correct_threshold = correct_threshold
         self.all_reduce_sum = all_reduce_sum or identity
         self.temperature = temperature
-        self.needs_teacher = uses_teacher_logprobs(cfg)
+        self.inputs = objective_inputs(cfg)
+        self.needs_teacher = self.inputs.teacher_logprobs
+        self.needs_teacher_hidden = self.inputs.teacher_hidden
+        self.needs_reference = self.inputs.reference_logprobs
         self.kd_in_loss = cfg.kd_placement == "loss"
-        self.needs_teacher_hidden = self.kd_in_loss and cfg.kd_estimator in VOCAB_DIVERGENCES
-        self.needs_reference = uses_reference_logprobs(cfg)
         # with no outcome advantage and no KD in the advantage, Â ≡ 0: the PG term is skipped
         self.uses_pg = cfg.pg_coef != 0 and (cfg.advantage != "none" or cfg.kd_placement == "advantage")
         self._divergence_kwargs = {"jsd": {"beta": cfg.jsd_beta}, "topk": {"k": cfg.kd_topk}}.get(cfg.kd_estimator, {})
+
+    # ----------------------------------------------------------------------- state across steps
+
+    def after_update(self, metrics: dict[str, Any]) -> None:
+        """Called by the trainer after each optimizer step with that step's update metrics (a
+        controller that adapts a coefficient reads them here); nothing to adapt by default."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps to resume the objective exactly (``trainer_state["objective"]``)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict``'s output; the default objective has no state."""
 
     # ----------------------------------------------------------------------- once per batch
 
