@@ -11,7 +11,7 @@ import torch
 
 from kdrl.config import ConfigError, TeacherRoute, load_config
 from kdrl.models import load_tokenizer
-from kdrl.objective.offpolicy import shaped_offpolicy_pg
+from kdrl.objective.policy_gradient import shaped_offpolicy_pg
 from kdrl.rollout import SamplingParams
 from kdrl.rollout.failed_groups import (HintResampler, TeacherSolutionReplacer, all_failed_groups, hint_text,
                                         load_solution_files)

@@ -20,7 +20,7 @@ import torch
 from kdrl.config import ObjectiveConfig
 from kdrl.objective.advantages import ADVANTAGES
 from kdrl.objective.divergences import SAMPLED_KL, VOCAB_DIVERGENCES, check_loss_estimator, upcast, vocab_terms_chunked
-from kdrl.objective.offpolicy import shaped_offpolicy_pg
+from kdrl.objective.policy_gradient import OFFPOLICY_PG, PGTokens, clipped, importance_ratio, policy_gradient
 from kdrl.objective.schedules import BETA_SCHEDULES, beta_at
 from kdrl.objective.weights import KD_MASKS, LOSS_AGGREGATIONS, ROW_WEIGHTS, TOKEN_SELECTIONS, identity
 from kdrl.types import StudentOutput, TrainBatch
@@ -29,22 +29,6 @@ Tensor = torch.Tensor
 
 
 # --------------------------------------------------------------------------- per-token terms
-
-def policy_gradient_loss(ratio: Tensor, advantages: Tensor, eps_low: float, eps_high: float) -> Tensor:
-    """L_pg = −min(ρ·Â, clip(ρ, 1−ε_low, 1+ε_high)·Â)  (PPO clip, METHODS.md §4; DAPO's ε_high)."""
-    return -torch.minimum(ratio * advantages, ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * advantages)
-
-
-def clipped(ratio: Tensor, advantages: Tensor, eps_low: float, eps_high: float) -> Tensor:
-    """Tokens whose clipped branch is the active minimum with zero gradient."""
-    return ((advantages > 0) & (ratio > 1.0 + eps_high)) | ((advantages < 0) & (ratio < 1.0 - eps_low))
-
-
-def importance_ratio(s: Tensor, s_old: Tensor) -> Tensor:
-    """ρ = exp(s − s_old); the log-ratio is clamped to ±20 before exp only as a guard against
-    overflow (as verl does): far outside the clip range, where it never matters."""
-    return torch.exp((s - s_old).clamp(-20.0, 20.0))
-
 
 def offpolicy_weight(ratio: Tensor, off_policy: Tensor, cap: float) -> Tensor:
     """sg(min(ρ, c)) on tokens not sampled from the current π_θ, 1 elsewhere (METHODS.md §4,
@@ -81,20 +65,6 @@ def kd_advantage(sampler_logprobs: Tensor, teacher_logprobs: Tensor, mask: Tenso
     elif reward_scale != 1.0:
         raise ValueError("objective.kd_reward_scale != 1 needs the reference log-probs (model.reference)")
     return discounted_future_sum(delta.detach(), mask, gamma)
-
-
-def anchored_log_denominator(sampler_logprobs: Tensor, teacher_logprobs: Optional[Tensor], alpha: float) -> Tensor:
-    """log(π_old^α · π_T^(1−α)) = α·s_old + (1 − α)·τ: RLAD's trust-region anchor (METHODS.md §6).
-
-    The geometric mixture is NOT renormalised over the vocabulary (a choice: the normaliser
-    would need both full distributions, and it is a per-position constant that only shifts the
-    clip window). α = 1 is s_old, GRPO's ratio, exactly (1·s_old + 0·τ is s_old bitwise).
-    """
-    if alpha == 1.0 and teacher_logprobs is None:
-        return sampler_logprobs
-    if teacher_logprobs is None:
-        raise ValueError("objective.ratio_anchor_alpha < 1 needs the teacher's log-probs (model.teacher)")
-    return alpha * sampler_logprobs + (1.0 - alpha) * teacher_logprobs
 
 
 @dataclass(frozen=True)
@@ -142,6 +112,7 @@ class Objective:
                                      (cfg.loss_agg, LOSS_AGGREGATIONS, "loss_agg"),
                                      (cfg.row_weights, ROW_WEIGHTS, "row_weights"),
                                      (cfg.kd_token_selection, TOKEN_SELECTIONS, "kd_token_selection"),
+                                     (cfg.offpolicy_pg, OFFPOLICY_PG, "offpolicy_pg"),
                                      (cfg.beta.schedule, BETA_SCHEDULES, "beta.schedule")]:
             if value not in registry:
                 raise ValueError(f"objective.{key}: unknown {value!r} (valid: {', '.join(registry)})")
@@ -191,9 +162,7 @@ class Objective:
         rewards = upcast(batch.rewards)
         beta = beta_at(cfg.beta, step, self.total_steps)
         outcome = ADVANTAGES[cfg.advantage](rewards, batch.group_size)  # A_i, §1
-        kd_rows, nll_rows = ROW_WEIGHTS[cfg.row_weights](  # per-row weights (SCOPE, §6)
-            rewards, batch.group_size, self.correct_threshold, batch.sampler_logprobs, batch.teacher_logprobs,
-            mask, cfg.scope_temperature)
+        kd_rows, nll_rows = ROW_WEIGHTS[cfg.row_weights](batch, self.correct_threshold, cfg)  # SCOPE, §6
         kd_mask = KD_MASKS[cfg.kd_mask](rewards, batch.group_size, self.correct_threshold) * kd_rows  # m_i, §5
         kd_tokens = self._kd_token_weights(batch, mask)  # which tokens carry KD (TIP, §6)
         advantages = outcome[:, None] * mask
@@ -220,8 +189,7 @@ class Objective:
         if batch.teacher_logprobs is None:
             raise ValueError(f"kd_token_selection={self.cfg.kd_token_selection} needs batch.teacher_logprobs")
         divergence = (upcast(batch.sampler_logprobs) - upcast(batch.teacher_logprobs)).abs() * mask
-        return TOKEN_SELECTIONS[self.cfg.kd_token_selection](mask, batch.sampler_entropy, divergence,
-                                                             self.cfg.tip_keep_fraction)
+        return TOKEN_SELECTIONS[self.cfg.kd_token_selection](batch, divergence, self.cfg)
 
     def prepare_metrics(self, batch: TrainBatch) -> dict[str, float]:
         """Batch-level numbers of a prepared batch (this process's rows)."""
@@ -287,11 +255,8 @@ class Objective:
         teacher = None if batch.teacher_logprobs is None else upcast(batch.teacher_logprobs[valid])
 
         # per-token terms [N]
-        pg_ratio = importance_ratio(s, anchored_log_denominator(s_old, teacher, cfg.ratio_anchor_alpha))  # RLAD, §6
-        pg = policy_gradient_loss(pg_ratio, advantages, cfg.clip_eps_low, cfg.clip_eps_high)  # §4
-        if cfg.offpolicy_pg == "shaped" and batch.on_policy is not None:  # §6 ampo: −A·f(π_θ) on teacher rows
-            pg = torch.where(per_token(batch.on_policy == 0),
-                             shaped_offpolicy_pg(s, advantages, cfg.offpolicy_shaping_gamma), pg)
+        not_sampled = None if batch.on_policy is None else per_token(batch.on_policy == 0)
+        pg, pg_ratio = policy_gradient(PGTokens(s, s_old, advantages, teacher, not_sampled), cfg)  # §4; RLAD, AMPO §6
         kd_value = self._kd_value(s, teacher, divergence)  # k(Δ_t), §2
         kd = batch.beta * per_token(upcast(batch.kd_mask) * kd_row_coef(batch)) * self._sampled_correction(is_weight) \
             * kd_value  # §3
