@@ -31,7 +31,7 @@ from kdrl.rollout.failed_groups import FailedGroupAction, load_solution_files, m
 from kdrl.rollout.sources import CachedRollouts, DatasetResponses, RolloutSource, batch_writers
 from kdrl.teachers import LocalTeacher, Teacher, make_scorer
 from kdrl.teachers.cache import CachedTeacher, TeacherCache, load_teacher_cache
-from kdrl.teachers.routed import load_routed_teachers
+from kdrl.teachers.routed import RoutedTeacher, load_routed_teachers
 from kdrl.teachers.self_teacher import SELF, SelfTeacher
 from kdrl.types import Problem
 
@@ -147,18 +147,20 @@ def build(config: Config, resume: Optional[str | Path] = None) -> Run:
     check_prompts(encode, [(config.data.train, train_problems)] +
                   [(eval_specs[name], eval_sets[name]) for name in eval_sets])
 
-    objective = Objective(config.objective, total_steps=config.train.steps,
-                          max_response_len=config.rollout.max_new_tokens,
-                          correct_threshold=config.reward.correct_threshold,
-                          temperature=config.rollout.temperature, all_reduce_sum=info.all_reduce_sum)
+    needs_hidden = objective_inputs(config.objective).teacher_hidden
     cache = None
     if config.teacher_cache.path is not None:  # Lightning OPD: replay stored responses and teacher scores
-        if objective.needs_teacher_hidden:
+        if needs_hidden:
             raise ConfigError(f"objective.kd_estimator={config.objective.kd_estimator}: a teacher cache stores "
                               "sampled-token log-probs only; use k1 (advantage), k2 or k3 with teacher_cache.path")
         cache = load_teacher_cache(config, train_problems, tokenizer)
         train_problems = cache.problems
-    routed = load_routed_teachers(config, tokenizer, student, train_problems, device, objective.needs_teacher_hidden)
+    routed = load_routed_teachers(config, tokenizer, student, train_problems, device, needs_hidden)
+    objective = Objective(config.objective, total_steps=config.train.steps,
+                          max_response_len=config.rollout.max_new_tokens,
+                          correct_threshold=config.reward.correct_threshold,
+                          temperature=config.rollout.temperature, all_reduce_sum=info.all_reduce_sum,
+                          kd_coef_of=routed.kd_coef_of if routed is not None else None)
     teacher_scorer = make_teacher_scorer(config, cache, routed, teacher, student, device, encode, tokenizer,
                                          train_problems)
     solution_pools = load_solution_files(config.failed_groups.solution_files, config.data.solution_field)
@@ -300,7 +302,7 @@ def make_rollout_source(config: Config, student_engine: RolloutEngine, teacher: 
                          rollout.off_policy_source)
 
 
-def make_teacher_scorer(config: Config, cache: Optional[TeacherCache], routed: Optional[Teacher],
+def make_teacher_scorer(config: Config, cache: Optional[TeacherCache], routed: Optional[RoutedTeacher],
                         teacher: Optional[torch.nn.Module], student: torch.nn.Module, device: torch.device,
                         encode: Any, tokenizer: Any, train_problems: list[Problem]) -> Optional[Teacher]:
     """Who scores the student's tokens: the cache, the routed teachers, the student with privileged

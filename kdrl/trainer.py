@@ -59,9 +59,8 @@ def make_batch(rollouts: Rollouts, rewards: torch.Tensor, teacher_out, reference
         teacher_hidden=teacher_out.hidden_states if teacher_out is not None else None,
         teacher_output_weight=teacher_out.output_weight if teacher_out is not None else None,
         reference_logprobs=reference_out.token_logprobs if reference_out is not None else None,
-        kd_coef=teacher_out.kd_coef if teacher_out is not None else None,
         on_policy=torch.tensor([float(source in ON_POLICY_SOURCES) for source in rollouts.sources]),
-        sampler_entropy=rollouts.sampler_entropy)
+        sampler_entropy=rollouts.sampler_entropy, problems=rollouts.problems)
 
 
 def student_forward(run: Run, batch: TrainBatch) -> StudentOutput:

@@ -70,7 +70,6 @@ class TeacherOutput:
     token_logprobs: torch.Tensor  # [B, R]
     hidden_states: Optional[torch.Tensor] = None  # [B, R, H] at the positions predicting each response token
     output_weight: Optional[torch.Tensor] = None  # [V, H]
-    kd_coef: Optional[torch.Tensor] = None  # [B] per-row KD coefficient (several teachers, each with its own)
 
 
 @dataclass
@@ -93,9 +92,10 @@ class TrainBatch:
     teacher_output_weight: Optional[torch.Tensor] = None  # [V, H]
     reference_logprobs: Optional[torch.Tensor] = None  # [B, R]
     on_policy: Optional[torch.Tensor] = None  # [B] float, 1 where the row was sampled from the student
-    kd_coef: Optional[torch.Tensor] = None  # [B] per-row KD coefficient multiplying beta (None: 1)
     sampler_entropy: Optional[torch.Tensor] = None  # [B, R] entropy of pi_old (token selection, e.g. tip)
+    problems: list[Problem] = field(default_factory=list)  # one per group, as in Rollouts (read by prepare)
     # Filled by Objective.prepare:
+    kd_coef: Optional[torch.Tensor] = None  # [B] per-row KD coefficient multiplying beta (None: 1)
     advantages: Optional[torch.Tensor] = None  # [B, R] token-level advantage (outcome + KD-in-advantage)
     kd_mask: Optional[torch.Tensor] = None  # [B] float, reward-guided KD mask m_i
     nll_mask: Optional[torch.Tensor] = None  # [B] float, rows trained by likelihood (SFT)

@@ -288,8 +288,9 @@ def test_routed_teacher_scores_each_row_with_its_teacher_and_beta(tokenizer):
     problems = [problem(0, steps=4), problem(1, steps=2)]
     rollouts = rollouts_of(problems, ["a", "bb", "c", "dd"], 2, tokenizer)
     scorers = {"A": ConstantScorer(-1.0), "B": ConstantScorer(-2.0)}
-    out = RoutedTeacher(scorers, ["A", "B"], [0.5, 2.0], "steps", ROUTES).score(rollouts)
-    assert out.kd_coef.tolist() == [2.0, 2.0, 0.5, 0.5]
+    teacher = RoutedTeacher(scorers, ["A", "B"], [0.5, 2.0], "steps", ROUTES)
+    out = teacher.score(rollouts)
+    assert teacher.kd_coef_of(rollouts.row_problems()).tolist() == [2.0, 2.0, 0.5, 0.5]
     assert out.token_logprobs[:, 0].tolist() == [-2.0, -2.0, -1.0, -1.0]
     assert scorers["A"].rows == 2 and scorers["B"].rows == 2
     assert torch.equal(out.token_logprobs != 0, rollouts.response_mask > 0)
@@ -306,19 +307,32 @@ def test_unmatched_problem_is_an_error_at_load_time(tiny_overrides, tmp_path):
 
 
 def test_kd_coef_multiplies_the_kd_term():
-    batch, hidden, weight = make_batch()
-    coef = torch.tensor([0.5, 2.0, 1.0, 0.0], dtype=torch.float64)
-    opd = make_objective(advantage="none", kd_placement="advantage", kd_estimator="k1")
-    base, routed = opd.prepare(batch, 0), opd.prepare(batch.__class__(**{**batch.__dict__, "kd_coef": coef}), 0)
-    # Â = -β·c_i·(s_old - τ): the per-row coefficient scales each row's KD advantage
-    torch.testing.assert_close(routed.advantages, base.advantages * coef[:, None])
+    """The routes' β is an objective weight: prepare computes it from each row's problem."""
+    import dataclasses
+
+    from kdrl.objective import Objective
     from kdrl.types import StudentOutput
 
-    kdrl = make_objective(kd_placement="loss", kd_estimator="k2", pg_coef=0.0, advantage="none")
+    batch, hidden, weight = make_batch()  # 2 groups of 2
+    batch = dataclasses.replace(batch, problems=[problem(0), problem(1)])
+    betas = {"p0": 0.5, "p1": 2.0}
+
+    def routed(**kw):
+        plain = make_objective(**kw)
+        return plain, Objective(plain.cfg, 10, 6, kd_coef_of=lambda problems: torch.tensor(
+            [betas[p.id] for p in problems], dtype=torch.float64))
+
+    opd, opd_routed = routed(advantage="none", kd_placement="advantage", kd_estimator="k1")
+    base, scaled = opd.prepare(batch, 0), opd_routed.prepare(batch, 0)
+    coef = torch.tensor([0.5, 0.5, 2.0, 2.0], dtype=torch.float64)
+    assert base.kd_coef is None and torch.equal(scaled.kd_coef, coef)
+    # Â = -β·c_i·(s_old - τ): the per-row coefficient scales each row's KD advantage
+    torch.testing.assert_close(scaled.advantages, base.advantages * coef[:, None])
+    kdrl, kdrl_routed = routed(kd_placement="loss", kd_estimator="k2", pg_coef=0.0, advantage="none")
     out = StudentOutput(hidden_states=hidden, output_weight=weight)
-    uniform = batch.__class__(**{**batch.__dict__, "kd_coef": torch.full((4,), 3.0, dtype=torch.float64)})
-    scaled, plain = (kdrl.loss(kdrl.prepare(b, 0), out)[0] for b in (uniform, batch))
-    torch.testing.assert_close(scaled, 3.0 * plain)
+    betas.update(p0=3.0, p1=3.0)
+    torch.testing.assert_close(kdrl_routed.loss(kdrl_routed.prepare(batch, 0), out)[0],
+                               3.0 * kdrl.loss(kdrl.prepare(batch, 0), out)[0])
 
 
 # --------------------------------------------------------------------------- the recipes on the bundled task

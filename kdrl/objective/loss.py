@@ -23,7 +23,7 @@ from kdrl.objective.divergences import SAMPLED_KL, VOCAB_DIVERGENCES, check_loss
 from kdrl.objective.policy_gradient import OFFPOLICY_PG, PGTokens, clipped, importance_ratio, policy_gradient
 from kdrl.objective.schedules import BETA_SCHEDULES, beta_at
 from kdrl.objective.weights import KD_MASKS, LOSS_AGGREGATIONS, ROW_WEIGHTS, TOKEN_SELECTIONS, identity
-from kdrl.types import StudentOutput, TrainBatch
+from kdrl.types import Problem, StudentOutput, TrainBatch
 
 Tensor = torch.Tensor
 
@@ -103,11 +103,13 @@ class Objective:
     - ``temperature``: the sampling temperature; both models' logits are divided by it so
       the student's log-probs match the sampler's (the teacher's sampled log-probs should be
       scored at the same temperature).
+    - ``kd_coef_of``: each row's problem -> its β multiplier [B] (several teachers, one per route,
+      ``kdrl.teachers.routed``); a weight of the objective, computed in ``prepare`` (None: 1).
     """
 
     def __init__(self, cfg: ObjectiveConfig, total_steps: int, max_response_len: int,
                  correct_threshold: float = 1.0, all_reduce_sum: Optional[Callable[[Tensor], Tensor]] = None,
-                 temperature: float = 1.0):
+                 temperature: float = 1.0, kd_coef_of: Optional[Callable[[list[Problem]], Tensor]] = None):
         for value, registry, key in [(cfg.advantage, ADVANTAGES, "advantage"), (cfg.kd_mask, KD_MASKS, "kd_mask"),
                                      (cfg.loss_agg, LOSS_AGGREGATIONS, "loss_agg"),
                                      (cfg.row_weights, ROW_WEIGHTS, "row_weights"),
@@ -132,6 +134,7 @@ class Objective:
         self.correct_threshold = correct_threshold
         self.all_reduce_sum = all_reduce_sum or identity
         self.temperature = temperature
+        self.kd_coef_of = kd_coef_of
         self.inputs = objective_inputs(cfg)
         self.needs_teacher = self.inputs.teacher_logprobs
         self.needs_teacher_hidden = self.inputs.teacher_hidden
@@ -158,6 +161,9 @@ class Objective:
 
     def prepare(self, batch: TrainBatch, step: int) -> TrainBatch:
         """Advantages, masks, token weights and β for one rollout batch (a new TrainBatch)."""
+        if self.kd_coef_of is not None:  # several teachers: each row's route multiplies β
+            batch = replace(batch, kd_coef=self.kd_coef_of(
+                [batch.problems[b // batch.group_size] for b in range(batch.num_rows)]))
         cfg, mask = self.cfg, upcast(batch.response_mask)
         rewards = upcast(batch.rewards)
         beta = beta_at(cfg.beta, step, self.total_steps)
