@@ -95,3 +95,23 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
     return str(value)
+
+
+def summary_table(before: Optional[dict], after: dict, wall: float, steps: int) -> str:
+    """The end-of-run table: accuracy and response length per held-out set, before and after."""
+    sets = sorted({key.split("/")[0] for key in after if key.endswith("/accuracy")})
+    lines = [f"\nkdrl: {steps} steps in {wall:.0f} s", "", "| set | accuracy before | accuracy after | "
+             "length before | length after |", "|---|---|---|---|---|"]
+    for name in sets:
+        b = before or {}
+        lines.append(f"| {name} | {_pct(b.get(f'{name}/accuracy'))} | {_pct(after.get(f'{name}/accuracy'))} | "
+                     f"{_num(b.get(f'{name}/response_length'))} | {_num(after.get(f'{name}/response_length'))} |")
+    return "\n".join(lines)
+
+
+def _pct(value: Optional[float]) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _num(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.1f}"
