@@ -230,6 +230,7 @@ def setup(config: Config, resume: Optional[str | Path] = None) -> Run:
                                        "cannot be resumed")
         prompt_order.load_state_dict(state["prompt_order"])
         step, streak = int(state["step"]), int(state.get("nonfinite_streak", 0))
+        objective.load_state_dict(state.get("objective", {}))  # e.g. kdrl_auto's beta controller
 
     if info.is_main:  # everything is checked: now the run directory is written, once
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -430,6 +431,7 @@ def training_step(run: Run) -> dict[str, Any]:
     batch = run.objective.prepare(make_batch(run, rollouts, rewards, teacher_out, reference_out), run.step)
     with timed(timings, "train"):
         update_metrics = update(run, batch)
+        run.objective.after_update(reduce_metrics(update_metrics, run.dist))  # every rank sees the same KL
         if run.teacher_scorer is not None:
             run.teacher_scorer.after_update()  # an EMA self-teacher follows the student
     run.step += 1
@@ -476,7 +478,7 @@ def save(run: Run) -> Path:
         weights, optimizer_state = full_model_state(run.student), full_optimizer_state(run.student, run.optimizer)
         state = {"optimizer": optimizer_state, "scheduler": run.scheduler.state_dict(),
                  "prompt_order": run.prompt_order.state_dict(), "nonfinite_streak": run.nonfinite_streak,
-                 "rng": rng}
+                 "rng": rng, "objective": run.objective.state_dict()}
         if isinstance(run.teacher_scorer, SelfTeacher):
             state["self_teacher"] = run.teacher_scorer.state_dict()
         path = ckpt.checkpoint_dir(run.run_dir) / ckpt.step_name(run.step)
