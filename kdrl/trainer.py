@@ -30,7 +30,7 @@ from kdrl.config import Config, ConfigError, save_config
 from kdrl.data import DataError, PromptSampler, format_prompt, load_problems
 from kdrl.distributed import (Distributed, QuietLogger, full_model_state, full_optimizer_state, grad_norm_value,
                               init_distributed, load_optimizer_state, reduce_metrics, shard_model)
-from kdrl.evaluate import evaluate_problems
+from kdrl.evaluate import EVAL_PROBLEMS_FILE, evaluate_problems
 from kdrl.logger import MetricsLogger, plot_run
 from kdrl.methods import attach, load_method_inputs
 from kdrl.models import (ModelError, check_tokenizers_compatible, context_length, load_model, load_tokenizer,
@@ -450,7 +450,8 @@ def step_metrics(run: Run, rollouts: Rollouts, rewards: torch.Tensor, batch: Tra
 
 # ----------------------------------------------------------------------------- the loop
 
-def evaluate_student(run: Run) -> dict[str, float]:
+def evaluate_student(run: Run, details: Optional[dict[str, list]] = None) -> dict[str, float]:
+    """Metrics per eval set; ``details`` (if given) receives each set's per-problem records."""
     config = run.config
     results = {}
     for name, problems in run.eval_sets.items():
@@ -458,7 +459,8 @@ def evaluate_student(run: Run) -> dict[str, float]:
                                     temperature=config.eval.temperature, top_p=config.rollout.top_p,
                                     max_new_tokens=config.eval.max_new_tokens or config.rollout.max_new_tokens,
                                     correct_threshold=config.reward.correct_threshold,
-                                    batch_size=config.eval.batch_size)
+                                    batch_size=config.eval.batch_size,
+                                    details=None if details is None else details.setdefault(name, []))
         results.update({f"{name}/{key}": value for key, value in metrics.items()})
     return results
 
@@ -534,9 +536,11 @@ def train(config: Config, resume: Optional[str | Path] = None) -> dict[str, Any]
     finally:
         logger.close()
     wall = time.perf_counter() - started
-    after = evaluate_student(run) if config.data.eval else {}
+    after_problems: dict[str, list] = {}  # per problem and sample: kept for paired comparisons (kdrl bench)
+    after = evaluate_student(run, after_problems) if config.data.eval else {}
     if after and run.dist.is_main:
         _append_eval(run, after)
+        (run.run_dir / EVAL_PROBLEMS_FILE).write_text(json.dumps(after_problems))
     if config.checkpoint.save_final:
         save(run)
     summary = {"run_dir": str(run.run_dir), "steps": run.step, "train_seconds": wall,
@@ -570,10 +574,12 @@ def check_nonfinite(run: Run, metrics: dict[str, Any]) -> None:
 def summary_table(before: Optional[dict], after: dict, wall: float, steps: int) -> str:
     sets = sorted({key.split("/")[0] for key in after if key.endswith("/accuracy")})
     lines = [f"\nkdrl: {steps} steps in {wall:.0f} s", "", "| set | accuracy before | accuracy after | "
-             "length before | length after |", "|---|---|---|---|---|"]
+             "chain correct before | chain correct after | length before | length after |",
+             "|---|---|---|---|---|---|---|"]
     for name in sets:
         b = before or {}
         lines.append(f"| {name} | {_pct(b.get(f'{name}/accuracy'))} | {_pct(after.get(f'{name}/accuracy'))} | "
+                     f"{_pct(b.get(f'{name}/chain_correct'))} | {_pct(after.get(f'{name}/chain_correct'))} | "
                      f"{_num(b.get(f'{name}/response_length'))} | {_num(after.get(f'{name}/response_length'))} |")
     return "\n".join(lines)
 
