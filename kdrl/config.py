@@ -107,10 +107,12 @@ class BetaControllerConfig:
     nats/token from the teacher, down while it is closer, by at most gain x error_clip per update."""
 
     rule: Literal["kl_target"] = "kl_target"
-    # nats/token of KL(pi_theta || pi_T) that RL may hold the student at (assumption for the bundled
-    # task: the per-token KL of the bundled student starts near 1 nat, several times this)
-    target: float = 0.3
-    gain: float = 0.5  # K: relative change of beta per unit of (clipped) proportional error
+    # the KL(pi_theta || pi_T) to hold, in nats/token; None: target_fraction x the first update's KL, so
+    # the target follows the task's scale (assumption: 0.7; the bundled student's KL fell from 0.67 to
+    # about 0.42 in 90 steps of kdrl at beta 1, and to about 0.40 at beta 5)
+    target: Optional[float] = None
+    target_fraction: float = 0.7
+    gain: float = 0.2  # K: relative change of beta per unit of (clipped) proportional error
     error_clip: float = 0.2  # PPO's clip of the proportional error (Ziegler et al. 2019)
     min: float = 0.05  # bounds of beta
     max: float = 5.0
@@ -430,7 +432,10 @@ def validate(config: Config) -> Config:
         (config.objective.beta.initial >= 0.0, "objective.beta.initial", "must not be negative"),
         (config.objective.beta.final >= 0.0, "objective.beta.final", "must not be negative"),
         (config.objective.beta.decay_per_step >= 0.0, "objective.beta.decay_per_step", "must not be negative"),
-        (config.objective.beta.controller.target > 0.0, "objective.beta.controller.target", "must be positive"),
+        (config.objective.beta.controller.target is None or config.objective.beta.controller.target > 0.0,
+         "objective.beta.controller.target", "must be positive (or null: target_fraction of the first KL)"),
+        (config.objective.beta.controller.target_fraction > 0.0, "objective.beta.controller.target_fraction",
+         "must be positive"),
         (config.objective.beta.controller.gain > 0.0, "objective.beta.controller.gain", "must be positive"),
         (0.0 < config.objective.beta.controller.error_clip < 1.0 / config.objective.beta.controller.gain,
          "objective.beta.controller.error_clip", "must lie in (0, 1/gain): beta must stay positive"),

@@ -71,7 +71,8 @@ def test_kd_then_rl_needs_kd_in_the_loss():
 
 def test_kl_target_controller_on_a_hand_made_sequence():
     """target 0.5, gain 0.5, error clip 0.2, bounds [0.8, 1.2], β_0 = 1: each β by hand."""
-    controller = KLTargetController(beta=1.0, target=0.5, gain=0.5, error_clip=0.2, low=0.8, high=1.2)
+    controller = KLTargetController(beta=1.0, target=0.5, target_fraction=9.0, gain=0.5, error_clip=0.2,
+                                    low=0.8, high=1.2)  # an absolute target: the fraction is not used
     steps = [  # (measured KL, β after it)
         (1.0, 1.1),                # twice the target: error +1, clipped to +0.2: β × 1.1
         (0.5, 1.1),                # on target: unchanged
@@ -89,6 +90,22 @@ def test_kl_target_controller_on_a_hand_made_sequence():
     assert controller.updates == len(steps) - 1  # the NaN was not a measurement
 
 
+def test_relative_target_is_a_fraction_of_the_first_kl():
+    """target None, fraction 0.5: the first KL (0.8) sets the target to 0.4."""
+    controller = KLTargetController(beta=1.0, target=None, target_fraction=0.5, gain=0.2, error_clip=0.2,
+                                    low=0.1, high=10.0)
+    steps = [  # (measured KL, β after it)
+        (math.nan, 1.0),           # no measurement: no scale yet either
+        (0.8, 1.04),               # 0.8 / 0.4 − 1 = 1, clipped to 0.2: β × (1 + 0.2·0.2)
+        (0.42, 1.04 * 1.01),       # 0.42 / 0.4 − 1 = 0.05: β × 1.01
+        (0.4, 1.0504),             # on target
+        (0.2, 1.0504 * 0.96),      # −0.5, clipped to −0.2: β × 0.96
+    ]
+    got = [controller.update(kl) for kl, _ in steps]
+    assert got == pytest.approx([beta for _, beta in steps], rel=1e-12, abs=0)
+    assert controller.first_kl == 0.8
+
+
 def test_controller_measures_the_exact_kl_for_rkl_and_k1_otherwise():
     metrics = {"kd_value": 0.9, "kl_sampled": 0.4}
     assert measured_kl(metrics, "rkl") == 0.9 and measured_kl(metrics, "k3") == 0.9
@@ -99,6 +116,7 @@ def test_controller_measures_the_exact_kl_for_rkl_and_k1_otherwise():
 def _auto(initial=1.0, **controller) -> Objective:
     beta = BetaConfig(schedule="adaptive", initial=initial,
                       controller=BetaControllerConfig(**{"target": 0.5, "gain": 0.5, "error_clip": 0.2, **controller}))
+    assert beta.controller.target_fraction == 0.7  # the default, unused with an absolute target
     return Objective(ObjectiveConfig(beta=beta, chunk_size=3), 10, 6)
 
 
@@ -118,13 +136,16 @@ def test_objective_uses_the_controllers_beta_and_skips_skipped_updates():
 
 
 def test_controller_state_round_trips_and_is_required_on_resume():
-    objective = _auto()
+    objective = _auto(target=None)
     for kl in (1.0, 0.9, 0.2):
         objective.after_update({"kd_value": kl})
     state = json.loads(json.dumps(objective.state_dict()))  # plain data
-    resumed = _auto()
+    resumed = _auto(target=None)
     resumed.load_state_dict(state)
     assert resumed.coefficients(5) == objective.coefficients(5) and resumed.beta_controller.updates == 3
+    assert resumed.beta_controller.first_kl == 1.0  # the relative target's scale resumes too
+    for kl in (0.5, 0.9):
+        assert resumed.beta_controller.update(kl) == objective.beta_controller.update(kl)
     with pytest.raises(ValueError, match="beta controller"):
         _auto().load_state_dict({})
     plain = Objective(ObjectiveConfig(), 10, 6)
@@ -136,7 +157,9 @@ def test_controller_settings_are_checked():
     with pytest.raises(ConfigError, match="objective.beta.controller.target"):
         load_config(RECIPES / "kdrl_auto.yaml", ["objective.beta.controller.target=0"])
     with pytest.raises(ConfigError, match="objective.beta.controller.error_clip"):
-        load_config(RECIPES / "kdrl_auto.yaml", ["objective.beta.controller.error_clip=3"])
+        load_config(RECIPES / "kdrl_auto.yaml", ["objective.beta.controller.error_clip=5"])  # 1 − 0.2·5 = 0
+    with pytest.raises(ConfigError, match="objective.beta.controller.target_fraction"):
+        load_config(RECIPES / "kdrl_auto.yaml", ["objective.beta.controller.target_fraction=0"])
     with pytest.raises(ConfigError, match="objective.beta.controller.min"):
         load_config(RECIPES / "kdrl_auto.yaml", ["objective.beta.controller.min=6"])
     with pytest.raises(ConfigError, match="objective.beta.schedule"):
