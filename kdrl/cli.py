@@ -60,7 +60,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_cache_teacher(args: argparse.Namespace) -> int:
-    from kdrl.methods.teacher_cache import build_teacher_cache
+    from kdrl.teachers.cache import build_teacher_cache
 
     config = load_config(resolve_recipe(args.recipe), args.overrides)
     if args.out:
@@ -74,14 +74,13 @@ def cmd_cache_teacher(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from kdrl.data import load_problems
+    from kdrl.build import parse_reward_specs
+    from kdrl.config import Config, ModelConfig
+    from kdrl.data import load_problems, make_encoder
     from kdrl.evaluate import evaluate_problems, markdown_table
-    from kdrl.config import ModelConfig
-    from kdrl.models import load_model, load_tokenizer, pick_device
+    from kdrl.models import load_model, load_tokenizer, pick_device, set_cpu_threads
     from kdrl.rewards import combine_rewards
     from kdrl.rollout import make_engine
-    from kdrl.trainer import make_encoder, parse_reward_specs, set_cpu_threads
-    from kdrl.config import Config
 
     torch.manual_seed(args.seed)
     device = pick_device(args.device)

@@ -23,6 +23,9 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from kdrl.config import ConfigError
+from kdrl.models import pick_device, unwrap
+
 HIDDEN_METHOD = "kdrl_decoder_forward"  # the decoder without the output projection, run under FSDP's hooks
 
 
@@ -72,8 +75,6 @@ def init_distributed(device_name: str = "auto") -> tuple[Distributed, torch.devi
     """Join the process group torchrun describes (``WORLD_SIZE`` > 1); gloo on CPU, nccl on GPU."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
-        from kdrl.models import pick_device
-
         return Distributed(), pick_device(device_name)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
@@ -93,20 +94,6 @@ def close_distributed() -> None:
         dist.destroy_process_group()
 
 
-class QuietLogger:
-    """The logger of ranks other than 0: rank 0 alone writes metrics, samples and progress."""
-
-    def log(self, *args: Any, **kwargs: Any) -> None: ...
-
-    def advance(self, *args: Any, **kwargs: Any) -> None: ...
-
-    def samples(self, *args: Any, **kwargs: Any) -> None: ...
-
-    def write(self, *args: Any, **kwargs: Any) -> None: ...
-
-    def close(self) -> None: ...
-
-
 # ----------------------------------------------------------------------------- FSDP2
 
 
@@ -121,11 +108,7 @@ def shard_model(model: torch.nn.Module, info: Distributed) -> torch.nn.Module:
         return model
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
-    from kdrl.models import unwrap
-
     if hasattr(model, "peft_config"):
-        from kdrl.config import ConfigError
-
         raise ConfigError("model.lora.enabled: LoRA with several processes is not supported yet (FSDP2 + peft); "
                           "run it in one process")
     inner = unwrap(model)
@@ -143,8 +126,6 @@ def shard_model(model: torch.nn.Module, info: Distributed) -> torch.nn.Module:
 
 
 def _decoder_forward(self: torch.nn.Module, **kwargs: Any) -> Any:
-    from kdrl.models import unwrap
-
     return unwrap(self).base_model(**kwargs)
 
 

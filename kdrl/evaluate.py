@@ -120,6 +120,29 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def summary_table(before: Optional[dict], after: dict, wall: float, steps: int) -> str:
+    """The end-of-run table: accuracy, chain correctness and response length per held-out set,
+    before and after."""
+    sets = sorted({key.split("/")[0] for key in after if key.endswith("/accuracy")})
+    lines = [f"\nkdrl: {steps} steps in {wall:.0f} s", "", "| set | accuracy before | accuracy after | "
+             "chain correct before | chain correct after | length before | length after |",
+             "|---|---|---|---|---|---|---|"]
+    for name in sets:
+        b = before or {}
+        lines.append(f"| {name} | {_pct(b.get(f'{name}/accuracy'))} | {_pct(after.get(f'{name}/accuracy'))} | "
+                     f"{_pct(b.get(f'{name}/chain_correct'))} | {_pct(after.get(f'{name}/chain_correct'))} | "
+                     f"{_num(b.get(f'{name}/response_length'))} | {_num(after.get(f'{name}/response_length'))} |")
+    return "\n".join(lines)
+
+
+def _pct(value: Optional[float]) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _num(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
 def paired_bootstrap(differences: list[list[float]], replicates: int = 10_000, seed: int = 0,
                      confidence: float = 0.95) -> tuple[float, float, float]:
     """Mean paired difference over a seeds × problems table, and its percentile bootstrap interval.

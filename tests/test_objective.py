@@ -7,7 +7,7 @@ import torch
 from kdrl.config import BetaConfig, ObjectiveConfig
 from kdrl.objective import Objective
 from kdrl.objective.divergences import rkl
-from kdrl.objective.loss import policy_gradient_loss
+from kdrl.objective.policy_gradient import policy_gradient_loss
 from kdrl.types import StudentOutput, TrainBatch
 
 D = torch.float64

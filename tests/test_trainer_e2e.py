@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from kdrl.config import load_config
-from kdrl.methods.teacher_cache import build_teacher_cache
+from kdrl.teachers.cache import build_teacher_cache
 from kdrl.trainer import train
 
 RECIPES = sorted(p.stem for p in (Path(__file__).parent.parent / "recipes").glob("*.yaml"))
