@@ -213,3 +213,12 @@ def test_sums_config_validation():
         sums.SumsTaskConfig(sft_long_fraction=1.5)
     with pytest.raises(ValueError, match="unknown split"):
         sums.generate_problems("valid", 1, seed=0)
+
+
+def test_sums_process_metric_is_registered():
+    from kdrl.tasks import process_metric
+
+    p = sums.generate_problems("test_id", 1, seed=0)[0]
+    problem = Problem(id=p["id"], prompt=p["prompt"], answer=p["answer"], metadata=p["metadata"])
+    metric = process_metric(problem)
+    assert metric is sums.chain_correct and metric(problem, p["solution"])
