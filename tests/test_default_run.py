@@ -1,10 +1,11 @@
-"""The embedded default really teaches: a short `kdrl train` (the default KDRL recipe, bundled
+"""The embedded default really teaches: `kdrl train` with no arguments (the KDRL recipe, bundled
 student and teacher, bundled sums task) must raise the student's held-out in-distribution accuracy
 and its whole-chain correctness.
 
-The short run is the comparison's budget (60 steps at the default learning rate; the README gives
-the full default run's measured numbers). The assertion asks for +5 points in both: a collapse, a
-sign error in the KD term or a broken reward turns it red; float noise across machines does not.
+This is the whole default run (150 steps; about 5 minutes on 2 shared CPU cores), evaluated on
+test_id only. Measured when written: 14.0% -> 20.5% accuracy and 9.0% -> 14.0% chain correctness
+(greedy, 200 problems; README). The assertion asks for +3 points in both: a collapse, a sign error
+in the KD term or a broken reward turns it red; float noise across machines does not.
 """
 from __future__ import annotations
 
@@ -13,12 +14,11 @@ import json
 from kdrl.config import load_config
 from kdrl.trainer import train
 
-MARGIN = 0.05  # absolute accuracy points the short run must add
+MARGIN = 0.03  # absolute points the default run must add
 
 
-def test_short_default_run_improves_bundled_student(tmp_path):
+def test_default_run_improves_bundled_student(tmp_path):
     config = load_config(None, [
-        "train.steps=60",  # a shorter run at the default learning rate
         "data.eval=[bundled:test_id]", "eval.num_problems=200",
         "log.progress=false", "log.plot=false", "checkpoint.save_final=false", f"log.run_dir={tmp_path / 'run'}",
     ])
