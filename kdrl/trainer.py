@@ -28,7 +28,7 @@ from kdrl.build import Run, build
 from kdrl.config import Config
 from kdrl.distributed import (MaxOverRanks, SumOverRanks, full_model_state, full_optimizer_state, grad_norm_value,
                               reduce_metrics)
-from kdrl.evaluate import evaluate_problems, summary_table
+from kdrl.evaluate import EVAL_PROBLEMS_FILE, evaluate_problems, summary_table
 from kdrl.logger import plot_run
 from kdrl.models import logit_scale, output_projection, response_hidden_states
 from kdrl.rollout import SamplingParams
@@ -162,7 +162,8 @@ def step_metrics(run: Run, rollouts: Rollouts, rewards: torch.Tensor, batch: Tra
 
 # ----------------------------------------------------------------------------- the loop
 
-def evaluate_student(run: Run) -> dict[str, float]:
+def evaluate_student(run: Run, details: Optional[dict[str, list]] = None) -> dict[str, float]:
+    """Metrics per eval set; ``details`` (if given) receives each set's per-problem records."""
     config = run.config
     results = {}
     for name, problems in run.eval_sets.items():
@@ -170,7 +171,8 @@ def evaluate_student(run: Run) -> dict[str, float]:
                                     temperature=config.eval.temperature, top_p=config.rollout.top_p,
                                     max_new_tokens=config.eval.max_new_tokens or config.rollout.max_new_tokens,
                                     correct_threshold=config.reward.correct_threshold,
-                                    batch_size=config.eval.batch_size)
+                                    batch_size=config.eval.batch_size,
+                                    details=None if details is None else details.setdefault(name, []))
         results.update({f"{name}/{key}": value for key, value in metrics.items()})
     return results
 
@@ -235,9 +237,12 @@ def train(config: Config, resume: Optional[str | Path] = None) -> dict[str, Any]
             if config.checkpoint.every and run.step % config.checkpoint.every == 0:
                 save(run)
         wall = time.perf_counter() - started
-        after = evaluate_student(run) if config.data.eval else {}
+        after_problems: dict[str, list] = {}  # per problem and sample: kept for paired comparisons (kdrl bench)
+        after = evaluate_student(run, after_problems) if config.data.eval else {}
         if after:
             logger.log(run.step, after, kind="eval")
+            if run.dist.is_main:
+                (run.run_dir / EVAL_PROBLEMS_FILE).write_text(json.dumps(after_problems))
     except TrainingStopped:
         # Skipped steps never change the weights, so the current ones are the last good ones;
         # save them if the run has no checkpoint yet (an existing one is never overwritten).

@@ -102,6 +102,7 @@ class TrainBatch:
     token_weights: Optional[torch.Tensor] = None  # [B, R] loss-aggregation weights; sum over the full batch = 1
     kd_token_weights: Optional[torch.Tensor] = None  # [B, R] which tokens carry the KD term (token selection)
     beta: float = 0.0
+    pg_coef: float = 1.0  # pg_coef_t, the policy-gradient term's coefficient at this step
 
     @property
     def num_rows(self) -> int:

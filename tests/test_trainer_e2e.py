@@ -22,7 +22,7 @@ VARIED_REWARD = "reward.functions=[kdrl_test_rewards:char_parity]"
 
 def test_every_preset_is_covered():
     assert {"sft", "grpo", "kd_rkl", "opd", "kdrl", "kdrl_anneal", "kdrl_mask"} <= set(RECIPES)
-    assert {"exopd", "opsd", "scope", "tip", "rlad", "gkd"} <= set(RECIPES)  # METHODS.md §6
+    assert {"exopd", "opsd", "scope", "tip", "rlad", "gkd", "kd_then_rl", "kdrl_auto"} <= set(RECIPES)  # METHODS.md §6
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:

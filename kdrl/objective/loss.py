@@ -21,7 +21,8 @@ from kdrl.config import ConfigError, ObjectiveConfig, objective_errors
 from kdrl.objective.advantages import ADVANTAGES
 from kdrl.objective.divergences import SAMPLED_KL, VOCAB_DIVERGENCES, upcast, vocab_terms_chunked
 from kdrl.objective.policy_gradient import OFFPOLICY_PG, PGTokens, clipped, importance_ratio, policy_gradient
-from kdrl.objective.schedules import BETA_SCHEDULES, beta_at
+from kdrl.objective.controllers import BETA_CONTROLLERS, measured_kl
+from kdrl.objective.schedules import ADAPTIVE, BETA_SCHEDULES, PHASES, beta_at, switch_step
 from kdrl.objective.weights import KD_MASKS, LOSS_AGGREGATIONS, ROW_WEIGHTS, TOKEN_SELECTIONS, identity
 from kdrl.types import Problem, StudentOutput, TrainBatch
 
@@ -115,7 +116,8 @@ class Objective:
                                      (cfg.row_weights, ROW_WEIGHTS, "row_weights"),
                                      (cfg.kd_token_selection, TOKEN_SELECTIONS, "kd_token_selection"),
                                      (cfg.offpolicy_pg, OFFPOLICY_PG, "offpolicy_pg"),
-                                     (cfg.beta.schedule, BETA_SCHEDULES, "beta.schedule")]:
+                                     (cfg.beta.schedule, {**BETA_SCHEDULES, ADAPTIVE: None}, "beta.schedule"),
+                                     (cfg.phases, PHASES, "phases")]:
             if value not in registry:
                 raise ValueError(f"objective.{key}: unknown {value!r} (valid: {', '.join(registry)})")
         for key, message in objective_errors(cfg):  # the rules config.validate applies, once
@@ -135,19 +137,48 @@ class Objective:
         # with no outcome advantage and no KD in the advantage, Â ≡ 0: the PG term is skipped
         self.uses_pg = cfg.pg_coef != 0 and (cfg.advantage != "none" or cfg.kd_placement == "advantage")
         self._divergence_kwargs = {"jsd": {"beta": cfg.jsd_beta}, "topk": {"k": cfg.kd_topk}}.get(cfg.kd_estimator, {})
+        self.switch_step = switch_step(cfg.switch_fraction, cfg.switch_step, total_steps)  # S of the phases
+        self.beta_controller = BETA_CONTROLLERS[cfg.beta.controller.rule](cfg.beta) \
+            if cfg.beta.schedule == ADAPTIVE else None  # kdrl_auto
+
+    # ----------------------------------------------------------------------- coefficients per step
+
+    def coefficients(self, step: int) -> tuple[float, float]:
+        """(β_t, pg_coef_t): the schedule's (or the controller's) β and pg_coef, times the phase factors."""
+        kd_on, pg_on = PHASES[self.cfg.phases](step, self.switch_step)
+        beta = self.beta_controller.beta if self.beta_controller is not None \
+            else beta_at(self.cfg.beta, step, self.total_steps)
+        return beta * kd_on, self.cfg.pg_coef * pg_on
 
     # ----------------------------------------------------------------------- state across steps
 
     def after_update(self, metrics: dict[str, Any]) -> None:
-        """Called by the trainer after each optimizer step with that step's update metrics (a
-        controller that adapts a coefficient reads them here); nothing to adapt by default."""
+        """Called by the trainer after each optimizer step with that step's update metrics: the β
+        controller (kdrl_auto) takes its KL measurement; nothing to adapt otherwise.
+
+        The metrics are this process's: its share of a global token mean (the loss weights are
+        normalised over every rank), so the ranks' values are summed here, and every rank's
+        controller sees the same global KL and keeps the same β."""
+        if self.beta_controller is None:
+            return
+        local = torch.tensor([measured_kl(metrics, self.cfg.kd_estimator), float(bool(metrics.get("skipped")))],
+                             dtype=torch.float64)
+        kl, skipped = self.all_reduce_sum(local).tolist()  # collective: every rank calls it, skipped or not
+        if not skipped:
+            self.beta_controller.update(kl)
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps to resume the objective exactly (``trainer_state["objective"]``)."""
-        return {}
+        return {} if self.beta_controller is None else {"beta_controller": self.beta_controller.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore ``state_dict``'s output; the default objective has no state."""
+        """Restore ``state_dict``'s output (the β controller's state, if there is one)."""
+        if self.beta_controller is None:
+            return
+        if "beta_controller" not in state:
+            raise ValueError("objective.beta.schedule=adaptive: the checkpoint holds no beta controller state, "
+                             "so beta cannot resume where it was")
+        self.beta_controller.load_state_dict(state["beta_controller"])
 
     # ----------------------------------------------------------------------- once per batch
 
@@ -158,7 +189,7 @@ class Objective:
                 [batch.problems[b // batch.group_size] for b in range(batch.num_rows)]))
         cfg, mask = self.cfg, upcast(batch.response_mask)
         rewards = upcast(batch.rewards)
-        beta = beta_at(cfg.beta, step, self.total_steps)
+        beta, pg_coef = self.coefficients(step)
         outcome = ADVANTAGES[cfg.advantage](rewards, batch.group_size)  # A_i, §1
         kd_rows, nll_rows = ROW_WEIGHTS[cfg.row_weights](batch, self.correct_threshold, cfg)  # SCOPE, §6
         kd_mask = KD_MASKS[cfg.kd_mask](rewards, batch.group_size, self.correct_threshold) * kd_rows  # m_i, §5
@@ -176,7 +207,7 @@ class Objective:
         nll_mask = nll_mask * nll_rows
         token_weights = LOSS_AGGREGATIONS[cfg.loss_agg](mask, self.max_response_len, self.all_reduce_sum)
         return replace(batch, advantages=advantages, kd_mask=kd_mask, nll_mask=nll_mask,
-                       token_weights=token_weights, kd_token_weights=kd_tokens, beta=beta)
+                       token_weights=token_weights, kd_token_weights=kd_tokens, beta=beta, pg_coef=pg_coef)
 
     def _kd_token_weights(self, batch: TrainBatch, mask: Tensor) -> Optional[Tensor]:
         """None (every token) or [B, R] weights of the KD term from TOKEN_SELECTIONS. TIP's δ_t is
@@ -204,6 +235,7 @@ class Objective:
             "uniform_group_fraction": (groups.amax(1) == groups.amin(1)).float().mean().item(),
             **({} if batch.on_policy is None else {"on_policy_rows": batch.on_policy.float().mean().item()}),
             **self._token_selection_metrics(batch, valid),
+            **({} if self.cfg.phases == "joint" else {"pg_coef": float(batch.pg_coef)}),
         }
 
     @staticmethod
@@ -265,7 +297,7 @@ class Objective:
 
         total = 0.0 * s  # attached to the graph even if every coefficient is 0
         if self.uses_pg:
-            total = total + cfg.pg_coef * pg
+            total = total + batch.pg_coef * pg  # pg_coef_t (prepare: the phases of the run)
         if self.kd_in_loss:
             total = total + kd
         else:
