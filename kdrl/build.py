@@ -182,8 +182,7 @@ def build(config: Config, resume: Optional[str | Path] = None) -> Run:
     logger = MetricsLogger(run_dir, config.log, config.train.steps, initial_step=step, run_config=to_dict(config),
                            enabled=info.is_main)
 
-    student_engine = make_engine(config.rollout.engine, model=student, tokenizer=tokenizer, encode=encode,
-                                 generation_batch_size=config.rollout.generation_batch_size)
+    student_engine = engine_for(student, config, tokenizer, encode)
     student_scorer = make_scorer(student, config)  # the student's own log-probs of rows it did not sample
     if cache is not None:
         sampling_source: RolloutEngine = CachedRollouts(cache, student_scorer if cache.recompute_old else None)
@@ -287,6 +286,12 @@ def check_prompts(encode: Any, sources: list[tuple[str, list[Problem]]]) -> None
                 raise DataError(f"{spec}: {error}") from None
 
 
+def engine_for(model: torch.nn.Module, config: Config, tokenizer: Any, encode: Any) -> RolloutEngine:
+    """The ``rollout.engine`` that samples from ``model`` (the student, or the teacher writing batches)."""
+    return make_engine(config.rollout.engine, model=model, tokenizer=tokenizer, encode=encode,
+                       generation_batch_size=config.rollout.generation_batch_size)
+
+
 def make_rollout_source(config: Config, student_engine: RolloutEngine, teacher: Optional[torch.nn.Module],
                         tokenizer: Any, encode: Any, student_scorer: LocalTeacher) -> RolloutSource:
     """The engines ``rollout.policy`` can pick from at each step (the student's is always there)."""
@@ -294,8 +299,7 @@ def make_rollout_source(config: Config, student_engine: RolloutEngine, teacher: 
     engines: dict[str, Any] = {"student": student_engine}
     writers = batch_writers(rollout)
     if teacher is not None and "teacher" in writers:
-        engines["teacher"] = make_engine(rollout.engine, model=teacher, tokenizer=tokenizer, encode=encode,
-                                         generation_batch_size=rollout.generation_batch_size)
+        engines["teacher"] = engine_for(teacher, config, tokenizer, encode)
     if "dataset" in writers:
         engines["dataset"] = DatasetResponses(tokenizer, encode, student_scorer)
     return RolloutSource(rollout.policy, engines, config.train.seed, rollout.on_policy_fraction,

@@ -419,6 +419,26 @@ def apply_override(config: Config, override: str) -> None:
     _build(cls, {parts[-1]: value}, prefix, base=obj)
 
 
+K1_IN_LOSS = ("k1 in the loss has a zero-mean gradient (E[grad log pi] = 0), so it teaches nothing; "
+              "use k2 (reverse KL) or k3 in the loss, or k1 with objective.kd_placement=advantage")
+
+
+def objective_errors(objective: ObjectiveConfig) -> list[tuple[str, str]]:
+    """(key, message) of each rule of the objective's own settings that is broken: checked once,
+    here, by ``validate`` when a config is loaded and by ``Objective`` when one is built directly."""
+    o = objective
+    rules = [
+        (o.kd_placement == "loss" and o.kd_estimator == "k1", "objective.kd_estimator", K1_IN_LOSS),
+        (o.ref_kl_coef != 0 and o.ref_kl_estimator == "k1", "objective.ref_kl_estimator", K1_IN_LOSS),
+        (o.kd_placement == "advantage" and o.kd_estimator != "k1", "objective.kd_estimator",
+         "the advantage placement uses the sampled log-ratio k1 (METHODS.md §3)"),
+        (o.kd_placement == "loss" and o.kd_estimator == "jsd" and o.jsd_beta in (0.0, 1.0), "objective.jsd_beta",
+         f"JSD({o.jsd_beta:g}) is identically 0; use kd_estimator={'fkl' if o.jsd_beta == 0 else 'rkl'} for "
+         "that limit"),
+    ]
+    return [(key, message) for broken, key, message in rules if broken]
+
+
 def validate(config: Config) -> Config:
     """Range checks that types cannot express; each error names its key."""
     checks = [
@@ -452,12 +472,7 @@ def validate(config: Config) -> Config:
         (config.objective.clip_eps_low >= 0.0 and config.objective.clip_eps_low < 1.0, "objective.clip_eps_low",
          "must lie in [0, 1)"),
         (config.objective.clip_eps_high >= 0.0, "objective.clip_eps_high", "must not be negative"),
-        (not (config.objective.kd_placement == "loss" and config.objective.kd_estimator == "k1"),
-         "objective.kd_estimator",
-         "k1 in the loss has a zero-mean gradient (E[grad log pi] = 0), so it teaches nothing; "
-         "use k2 (reverse KL) or k3 in the loss, or k1 with objective.kd_placement=advantage"),
-        (not (config.objective.kd_placement == "advantage" and config.objective.kd_estimator not in ("k1",)),
-         "objective.kd_estimator", "the advantage placement uses the sampled log-ratio k1 (METHODS.md §3)"),
+        *[(False, key, message) for key, message in objective_errors(config.objective)],
         (0.0 <= config.objective.kd_gamma <= 1.0, "objective.kd_gamma", "must lie in [0, 1]"),
         (0.0 <= config.objective.jsd_beta <= 1.0, "objective.jsd_beta", "must lie in [0, 1]"),
         (config.objective.offpolicy_ratio_cap > 0, "objective.offpolicy_ratio_cap", "must be positive"),

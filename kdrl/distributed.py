@@ -204,15 +204,18 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
 
 # ----------------------------------------------------------------------------- metrics
 
-SUMMED_PREFIXES = ("loss", "pg_loss", "kd_loss", "kd_value", "nll", "entropy", "clip_fraction", "ratio_mean",
-                   "logprob_gap", "kl_sampled", "ref_kl")  # shares of one global weighted mean
-MAX_PREFIXES = ("time_",)
+class SumOverRanks(float):
+    """A metric each rank holds a share of (an objective term: its share of one global weighted
+    mean; tokens per second: its own tokens over its own time): reduced by sum."""
+
+
+class MaxOverRanks(float):
+    """A metric where the slowest rank sets the pace (a phase's wall time): reduced by max."""
 
 
 def reduce_metrics(metrics: dict[str, Any], info: Distributed) -> dict[str, Any]:
-    """Rank metrics -> run metrics: objective terms summed (each rank holds its share of a
-    global mean), times maximised (the slowest rank sets the pace), the rest averaged (per-rank
-    means over equal shares). Non-numeric values are rank 0's."""
+    """Rank metrics -> run metrics, each by the reduction it carries (SumOverRanks, MaxOverRanks);
+    plain numbers are averaged (per-rank means over equal shares). Non-numeric values are rank 0's."""
     if not info.enabled:
         return metrics
     keys = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
@@ -223,12 +226,10 @@ def reduce_metrics(metrics: dict[str, Any], info: Distributed) -> dict[str, Any]
     dist.all_reduce(maxed, op=dist.ReduceOp.MAX)
     out = dict(metrics)
     for i, key in enumerate(keys):
-        if key in SUMMED_PREFIXES:
+        if isinstance(metrics[key], SumOverRanks):
             out[key] = float(summed[i])
-        elif key.startswith(MAX_PREFIXES):
+        elif isinstance(metrics[key], MaxOverRanks):
             out[key] = float(maxed[i])
-        elif key == "tokens_per_second":
-            out[key] = float(summed[i])  # every rank's tokens, each over its own time
         else:
             out[key] = float(summed[i]) / info.world_size
     return out

@@ -26,7 +26,8 @@ import torch
 from kdrl import checkpoint as ckpt
 from kdrl.build import Run, build
 from kdrl.config import Config
-from kdrl.distributed import full_model_state, full_optimizer_state, grad_norm_value, reduce_metrics
+from kdrl.distributed import (MaxOverRanks, SumOverRanks, full_model_state, full_optimizer_state, grad_norm_value,
+                              reduce_metrics)
 from kdrl.evaluate import EVAL_PROBLEMS_FILE, evaluate_problems, summary_table
 from kdrl.logger import plot_run
 from kdrl.models import logit_scale, output_projection, response_hidden_states
@@ -46,7 +47,7 @@ class TrainingStopped(RuntimeError):
 def timed(timings: dict[str, float], name: str):
     start = time.perf_counter()
     yield
-    timings[f"time_{name}"] = timings.get(f"time_{name}", 0.0) + time.perf_counter() - start
+    timings[f"time_{name}"] = MaxOverRanks(timings.get(f"time_{name}", 0.0) + time.perf_counter() - start)
 
 
 def make_batch(rollouts: Rollouts, rewards: torch.Tensor, teacher_out, reference_out) -> TrainBatch:
@@ -94,8 +95,8 @@ def update(run: Run, batch: TrainBatch) -> dict[str, float]:
             loss, micro_metrics = run.objective.loss(micro, student_forward(run, micro), off_policy=update_index > 0)
             loss_finite = loss_finite and math.isfinite(float(loss.detach()))
             (loss * scale).backward()
-            for key, value in micro_metrics.items():
-                metrics[key] = metrics.get(key, 0.0) + float(value) * scale
+            for key, value in micro_metrics.items():  # each a share of the global batch's weighted mean
+                metrics[key] = SumOverRanks(metrics.get(key, 0.0) + float(value) * scale)
         trainable = [p for p in run.student.parameters() if p.requires_grad]
         grad_norm = grad_norm_value(torch.nn.utils.clip_grad_norm_(trainable, train.max_grad_norm))
         metrics["grad_norm"] = grad_norm
@@ -107,7 +108,7 @@ def update(run: Run, batch: TrainBatch) -> dict[str, float]:
             run.optimizer.step()
             run.student_engine.sync_weights(run.student)  # an engine with its own weights (vLLM) follows
             metrics["skipped"] = 0.0
-        run.objective.after_update(metrics)  # an adaptive coefficient reads this step's numbers
+        run.objective.after_update(reduce_metrics(metrics, run.dist))  # every rank hears the same numbers
         for key, value in metrics.items():  # report the last update's values
             totals[key] = value
     with warnings.catch_warnings():  # a skipped first step is deliberate, not torch's call-order mistake
@@ -145,8 +146,9 @@ def training_step(run: Run) -> dict[str, Any]:
         if run.teacher_scorer is not None:
             run.teacher_scorer.after_update()  # an EMA self-teacher follows the student
     run.step += 1
+    tokens_per_second = SumOverRanks(float(rollouts.response_mask.sum()) / max(1e-9, sum(timings.values())))
     metrics = {**step_metrics(run, rollouts, rewards, batch), **rescue_metrics, **update_metrics, **timings,
-               "tokens_per_second": float(rollouts.response_mask.sum()) / max(1e-9, sum(timings.values()))}
+               "tokens_per_second": tokens_per_second}  # this rank's tokens over its own time: summed
     return {**reduce_metrics(metrics, run.dist), "_rollouts": rollouts, "_rewards": rewards}
 
 

@@ -17,9 +17,9 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from kdrl.config import ObjectiveConfig
+from kdrl.config import ConfigError, ObjectiveConfig, objective_errors
 from kdrl.objective.advantages import ADVANTAGES
-from kdrl.objective.divergences import SAMPLED_KL, VOCAB_DIVERGENCES, check_loss_estimator, upcast, vocab_terms_chunked
+from kdrl.objective.divergences import SAMPLED_KL, VOCAB_DIVERGENCES, upcast, vocab_terms_chunked
 from kdrl.objective.policy_gradient import OFFPOLICY_PG, PGTokens, clipped, importance_ratio, policy_gradient
 from kdrl.objective.controllers import BETA_CONTROLLERS, measured_kl
 from kdrl.objective.schedules import ADAPTIVE, BETA_SCHEDULES, PHASES, beta_at, switch_step
@@ -120,16 +120,8 @@ class Objective:
                                      (cfg.phases, PHASES, "phases")]:
             if value not in registry:
                 raise ValueError(f"objective.{key}: unknown {value!r} (valid: {', '.join(registry)})")
-        if cfg.kd_placement == "loss" and cfg.kd_estimator in SAMPLED_KL:
-            check_loss_estimator(cfg.kd_estimator, "objective.kd_estimator")
-        if cfg.kd_placement == "advantage" and cfg.kd_estimator != "k1":
-            raise ValueError("objective.kd_estimator: the advantage placement uses the sampled log-ratio k1 "
-                             "(METHODS.md §3)")
-        if cfg.ref_kl_coef != 0:
-            check_loss_estimator(cfg.ref_kl_estimator, "objective.ref_kl_estimator")
-        if cfg.kd_placement == "loss" and cfg.kd_estimator == "jsd" and cfg.jsd_beta in (0.0, 1.0):
-            raise ValueError(f"objective.jsd_beta: JSD({cfg.jsd_beta:g}) is identically 0; use "
-                             f"kd_estimator={'fkl' if cfg.jsd_beta == 0 else 'rkl'} for that limit")
+        for key, message in objective_errors(cfg):  # the rules config.validate applies, once
+            raise ConfigError(f"{key}: {message}")
         self.cfg = cfg
         self.total_steps = total_steps
         self.max_response_len = max_response_len
