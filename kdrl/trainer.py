@@ -108,7 +108,7 @@ def update(run: Run, batch: TrainBatch) -> dict[str, float]:
             run.optimizer.step()
             run.student_engine.sync_weights(run.student)  # an engine with its own weights (vLLM) follows
             metrics["skipped"] = 0.0
-        run.objective.after_update(metrics)  # this rank's numbers: the objective sums what it reads over ranks
+        run.objective.after_update(reduce_metrics(metrics, run.dist))  # every rank hears the same global numbers
         for key, value in metrics.items():  # report the last update's values
             totals[key] = value
     with warnings.catch_warnings():  # a skipped first step is deliberate, not torch's call-order mistake
