@@ -78,9 +78,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from kdrl.evaluate import evaluate_problems, markdown_table
     from kdrl.config import ModelConfig
     from kdrl.models import load_model, load_tokenizer, pick_device
-    from kdrl.rewards import combine_rewards
+    from kdrl.rewards import combine_rewards, parse_reward_specs
     from kdrl.rollout import make_engine
-    from kdrl.trainer import make_encoder, parse_reward_specs, set_cpu_threads
+    from kdrl.trainer import make_encoder, set_cpu_threads
     from kdrl.config import Config
 
     torch.manual_seed(args.seed)

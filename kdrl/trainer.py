@@ -38,7 +38,7 @@ from kdrl.models import (ModelError, check_tokenizers_compatible, context_length
 from kdrl.objective import Objective
 from kdrl.onpolicy import (ON_POLICY_SOURCES, SELF, DatasetResponses, RolloutSource, SelfTeacher, needs_reference_model,
                            needs_teacher_model, solution_users)
-from kdrl.rewards import combine_rewards
+from kdrl.rewards import combine_rewards, parse_reward_specs
 from kdrl.rollout import SamplingParams, make_engine
 from kdrl.teachers import LocalTeacher
 from kdrl.types import Problem, Rollouts, StudentOutput, TrainBatch
@@ -75,18 +75,6 @@ class Run:
     reference_scorer: Optional[LocalTeacher] = None
     failed_groups: Any = None  # what to do with groups in which every response failed (ghpo, ampo)
     dist: Distributed = field(default_factory=Distributed)  # this process's rank (kdrl.distributed)
-
-
-def parse_reward_specs(specs: list[str]) -> list[tuple[str, float]]:
-    """``"math"`` or ``"format*0.1"`` -> (name, weight)."""
-    parsed = []
-    for spec in specs:
-        name, _, weight = spec.partition("*")
-        try:
-            parsed.append((name.strip(), float(weight) if weight else 1.0))
-        except ValueError:
-            raise DataError(f"reward.functions: bad weight in '{spec}' (use name*weight, e.g. format*0.1)") from None
-    return parsed
 
 
 def make_encoder(tokenizer: Any, config: Config, max_tokens: int):

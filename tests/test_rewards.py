@@ -29,7 +29,7 @@ from kdrl.rewards import (
     reset_reward_stats,
     reward_stats,
 )
-from kdrl.rewards import verifiers
+from kdrl.rewards import mathcheck, timelimit
 
 
 @dataclass
@@ -123,7 +123,7 @@ def test_math_fast_path_skips_math_verify(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("math-verify must not be called on the fast path")
 
-    monkeypatch.setattr(verifiers, "_verify_guarded", boom)
+    monkeypatch.setattr(timelimit, "_verify_guarded", boom)
     reset_reward_stats()
     assert math_reward(P("9"), r"\boxed{9}") == 1.0
     assert math_reward(P(r"\frac{1}{2}"), r"$\boxed{\left( \dfrac{1}{2} \right)}$") == 0.0  # parens differ
@@ -198,7 +198,7 @@ def test_math_main_thread_alarm_interrupts(monkeypatch):
         while True:
             pass
 
-    monkeypatch.setattr(verifiers, "_verify_core", spin)
+    monkeypatch.setattr(mathcheck, "_verify_core", spin)
     reset_reward_stats()
     t = time.perf_counter()
     assert get_reward("math", timeout_s=0.2)(P("1/2"), r"\boxed{0.5}") == 0.0
@@ -217,7 +217,7 @@ def test_math_alarm_survives_swallowed_timeout(monkeypatch):
         while True:
             pass
 
-    monkeypatch.setattr(verifiers, "_verify_core", swallow)
+    monkeypatch.setattr(mathcheck, "_verify_core", swallow)
     t = time.perf_counter()
     assert get_reward("math", timeout_s=0.2)(P("1/2"), r"\boxed{0.5}") == 0.0
     assert time.perf_counter() - t < 0.2 + SLACK
@@ -227,16 +227,16 @@ def test_math_worker_killed_when_stuck(monkeypatch):
     """A worker that does not answer within the limit + grace is killed and replaced."""
     reward = get_reward("math", timeout_s=1.0)
     assert reward(P("1024"), r"\boxed{2^{10}}") == 1.0  # an idle worker is ready
-    monkeypatch.setattr(verifiers, "_HARD_KILL_GRACE_S", -0.9)  # caller gives up at 0.1 s
+    monkeypatch.setattr(timelimit, "_HARD_KILL_GRACE_S", -0.9)  # caller gives up at 0.1 s
     t = time.perf_counter()
     assert reward(P("5"), r"\boxed{9^{9^{9^{9}}}}") == 0.0  # worker's own alarm is at 1 s
     assert time.perf_counter() - t < 1.0
-    monkeypatch.setattr(verifiers, "_HARD_KILL_GRACE_S", 1.0)
+    monkeypatch.setattr(timelimit, "_HARD_KILL_GRACE_S", 1.0)
     assert reward(P("1024"), r"\boxed{2^{10}}") == 1.0  # a fresh worker
 
 
 def test_math_thread_fallback_without_worker(monkeypatch):
-    monkeypatch.setattr(verifiers, "_acquire_worker", lambda: None)
+    monkeypatch.setattr(timelimit, "_acquire_worker", lambda: None)
     reward = get_reward("math", timeout_s=0.5)
     out: dict[str, float] = {}
 

@@ -1,0 +1,21 @@
+"""What a reward is, and the limits every reward shares."""
+from __future__ import annotations
+
+from typing import Callable, Optional, Protocol
+
+DEFAULT_TIMEOUT_S = 5.0
+# Extracted answers longer than this are scored 0.0 without calling math-verify.
+MAX_ANSWER_CHARS = 1000
+
+
+class ProblemLike(Protocol):
+    """What the rewards read from a problem (``kdrl.types.Problem`` satisfies it)."""
+
+    id: str
+    prompt: str
+    answer: str
+    solution: Optional[str]
+    metadata: dict
+
+
+RewardFn = Callable[["ProblemLike", str], float]
