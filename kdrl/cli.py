@@ -15,8 +15,9 @@ from kdrl.checkpoint import CheckpointError
 from kdrl.config import ConfigError, load_config
 from kdrl.data import DataError
 from kdrl.models import ModelError
+from kdrl.rewards import RewardError
 
-USER_ERRORS = (ConfigError, DataError, ModelError, CheckpointError)
+USER_ERRORS = (ConfigError, DataError, ModelError, CheckpointError, RewardError)
 REPO_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
 

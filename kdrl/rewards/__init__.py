@@ -19,13 +19,14 @@ from kdrl.rewards.registry import REWARDS, combine_rewards, get_reward, parse_re
 from kdrl.rewards.stats import reset_reward_stats, reward_stats
 from kdrl.rewards.timelimit import shutdown_verifier_workers
 from kdrl.rewards.types import DEFAULT_TIMEOUT_S, MAX_ANSWER_CHARS, ProblemLike, RewardFn
-from kdrl.rewards.user import UserReward, load_reward
+from kdrl.rewards.user import RewardError, UserReward, load_reward
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
     "END_MARKERS",
     "MAX_ANSWER_CHARS",
     "REWARDS",
+    "RewardError",
     "ProblemLike",
     "RewardFn",
     "UserReward",

@@ -10,9 +10,15 @@ from kdrl.rewards.mathcheck import _VerifyTimeout
 from kdrl.rewards.stats import _count, _should_log
 from kdrl.rewards import timelimit
 from kdrl.rewards.timelimit import _check_timeout
-from kdrl.rewards.types import DEFAULT_TIMEOUT_S, MAX_ANSWER_CHARS, ProblemLike
+from kdrl.rewards.simple import grade_simple
+from kdrl.rewards.types import DEFAULT_TIMEOUT_S, MAX_ANSWER_CHARS, MAX_RESPONSE_CHARS, ProblemLike
 
 logger = logging.getLogger("kdrl.rewards")
+
+def _tail(response: Any) -> Any:
+    """The part of a response a reward reads: its last ``MAX_RESPONSE_CHARS`` characters."""
+    return response[-MAX_RESPONSE_CHARS:] if isinstance(response, str) else response
+
 
 def _gold(problem: Any) -> str:
     answer = getattr(problem, "answer", None)
@@ -22,20 +28,27 @@ def _gold(problem: Any) -> str:
 def math_reward(problem: "ProblemLike", response: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> float:
     """1.0 if the last boxed answer is mathematically equivalent to ``problem.answer``.
 
-    Uses math-verify (``verify(parse(gold), parse(pred))``) under a ``timeout_s`` limit;
-    no boxed answer, a timeout, or any failure scores 0.0.
+    Equal strings (after TeX normalisation) and simple numbers (``kdrl.rewards.simple``) are
+    graded at once, with no time limit; anything else by math-verify
+    (``verify(parse(gold), parse(pred))``) under a limit of ``timeout_s`` CPU seconds. No boxed
+    answer, a timeout, or any failure scores 0.0.
     """
     try:
-        pred = extract_last_boxed(response)
+        pred = extract_last_boxed(_tail(response))
         if pred is None or not pred.strip():
             return 0.0
         gold = _gold(problem)
         if not gold.strip():
             return 0.0
         _count("math_calls")
-        if _normalize(pred) == _normalize(gold):
+        norm_pred, norm_gold = _normalize(pred), _normalize(gold)
+        if norm_pred == norm_gold:
             _count("fast_path")
             return 1.0
+        simple = grade_simple(norm_gold, norm_pred)
+        if simple is not None:
+            _count("fast_path")
+            return 1.0 if simple else 0.0
         if len(pred) > MAX_ANSWER_CHARS:
             _count("too_long")
             return 0.0
@@ -70,6 +83,7 @@ def exact_match_reward(problem: "ProblemLike", response: str) -> float:
     try:
         if not isinstance(response, str):
             return 0.0
+        response = _tail(response)
         pred = extract_last_boxed(response)
         if pred is None:
             tail = response.rstrip()
@@ -112,8 +126,9 @@ def format_reward(problem: "ProblemLike", response: str) -> float:
     try:
         if not isinstance(response, str):
             return 0.0
-        if response.count("\\boxed") + response.count("\\fbox") != 1:
+        if response.count("\\boxed") + response.count("\\fbox") != 1:  # C speed on any length
             return 0.0
+        response = _tail(response)
         found = _last_box(response)
         if found is None:
             return 0.0

@@ -1,12 +1,15 @@
-"""math-verify equivalence under a time limit in the calling (main) thread.
+"""math-verify equivalence under a CPU-time limit in the calling (main) thread.
 
-math-verify's own timeouts use ``signal.alarm`` with whole seconds, which only works in the main
-thread and silently replaces any other SIGALRM timer. It is therefore always called with its
-timeouts disabled, and the whole verification (parse gold + parse prediction + verify) is guarded
-here: an interval-timer alarm whose handler raises a private ``BaseException`` (math-verify and
-sympy catch ``Exception`` only, so it unwinds the computation). A previously installed handler
-and timer are restored and re-armed with their remaining time afterwards. The worker subprocesses
-of ``kdrl.rewards.timelimit`` run this same function in their own main thread.
+math-verify's own timeouts use ``signal.alarm`` with whole seconds of wall-clock time, which
+only works in the main thread, silently replaces any other SIGALRM timer, and makes a grade
+depend on machine load (a loaded machine gives a verification fewer CPU seconds per wall
+second). It is therefore always called with its timeouts disabled, and the whole verification
+(parse gold + parse prediction + verify) is guarded here: an ``ITIMER_PROF`` interval timer,
+which counts the process's CPU time, fires SIGPROF, whose handler raises a private
+``BaseException`` (math-verify and sympy catch ``Exception`` only, so it unwinds the
+computation). A previously installed SIGPROF handler and timer are restored and re-armed with
+their remaining CPU time afterwards. The worker subprocesses of ``kdrl.rewards.timelimit`` run
+this same function in their own (single-threaded) main thread.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from kdrl.rewards.extract import _braces_balanced
 logger = logging.getLogger("kdrl.rewards")
 
 class _VerifyTimeout(BaseException):
-    """Raised by our SIGALRM handler; BaseException so library ``except Exception`` won't eat it."""
+    """Raised by our timer's signal handler; BaseException so library ``except Exception`` won't eat it."""
 
 
 class _SignalUnavailable(Exception):
@@ -88,8 +91,13 @@ def _verify_core(gold: str, pred: str) -> bool:
 _REARM_S = 0.05  # after the first alarm, fire again every 50 ms until we are out
 
 
+TIMER = getattr(signal, "ITIMER_PROF", None)  # CPU time (user + system) of this process
+TIMER_SIGNAL = getattr(signal, "SIGPROF", None)
+
+
 def _verify_with_alarm(gold: str, pred: str, timeout_s: float) -> str:
-    """Main-thread path: ITIMER_REAL alarm. Returns "1", "0", "T" (timeout) or "E"."""
+    """Main-thread path: a CPU-time alarm of ``timeout_s`` seconds. Returns "1", "0", "T"
+    (timeout) or "E"."""
     _import_math_verify()  # never import under the timer
     armed = [True]
 
@@ -97,19 +105,21 @@ def _verify_with_alarm(gold: str, pred: str, timeout_s: float) -> str:
         if armed[0]:
             # Re-arm first: if some library swallows this exception with a bare
             # ``except:``, the next alarm interrupts it again.
-            signal.setitimer(signal.ITIMER_REAL, _REARM_S)
+            signal.setitimer(TIMER, _REARM_S)
             raise _VerifyTimeout()
 
+    if TIMER is None:
+        raise _SignalUnavailable("no CPU-time interval timer on this platform")
     try:
-        old_handler = signal.signal(signal.SIGALRM, on_alarm)
+        old_handler = signal.signal(TIMER_SIGNAL, on_alarm)
     except (ValueError, OSError, AttributeError) as e:  # not main thread / interpreter
         raise _SignalUnavailable(str(e)) from e
-    start = time.monotonic()
+    start = time.process_time()
     old_timer = (0.0, 0.0)
     result = "T"
     try:
         try:
-            old_timer = signal.setitimer(signal.ITIMER_REAL, timeout_s)
+            old_timer = signal.setitimer(TIMER, timeout_s)
             result = "1" if _verify_core(gold, pred) else "0"
         except _VerifyTimeout:
             result = "T"
@@ -123,11 +133,11 @@ def _verify_with_alarm(gold: str, pred: str, timeout_s: float) -> str:
         result = "T"
     finally:
         armed[0] = False
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old_handler if old_handler is not None else signal.SIG_DFL)
+        signal.setitimer(TIMER, 0)
+        signal.signal(TIMER_SIGNAL, old_handler if old_handler is not None else signal.SIG_DFL)
         if old_timer[0] > 0:  # re-arm whoever had the timer before us
-            remaining = old_timer[0] - (time.monotonic() - start)
-            signal.setitimer(signal.ITIMER_REAL, max(remaining, 1e-6), old_timer[1])
+            remaining = old_timer[0] - (time.process_time() - start)
+            signal.setitimer(TIMER, max(remaining, 1e-6), old_timer[1])
     return result
 
 

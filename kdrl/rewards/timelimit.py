@@ -6,8 +6,10 @@
   gmpy2/flint ground types, never returns to the interpreter): a pool of long-lived worker
   subprocesses (``python -c`` importing ``kdrl.rewards.mathcheck``; no fork of the caller, so it
   is safe in threaded/CUDA processes). The worker enforces the limit with the same alarm in its
-  own main thread; the caller waits at most ``timeout_s + _HARD_KILL_GRACE_S`` and kills a
-  worker stuck in C code. Worker start-up (importing sympy, ~1-2 s, once per worker) is not
+  own main thread; the caller kills a worker stuck in C code once the worker has used
+  ``timeout_s + _HARD_KILL_GRACE_S`` seconds of CPU (read from /proc; where there is none, of
+  wall-clock time), or after ``_WALL_BACKSTOP_FACTOR`` times that in wall-clock time whatever
+  the load (a worker that is blocked rather than computing). Worker start-up (importing sympy, ~1-2 s, once per worker) is not
   counted.
 * Last resort, when no worker subprocess can be started: main thread -> the alarm; other
   threads -> risky answers are refused (scored 0.0, counted as timeouts) and the rest run in a
@@ -41,6 +43,19 @@ _HARD_KILL_GRACE_S = 1.0  # extra wait before killing a worker subprocess
 _WORKER_START_TIMEOUT_S = 120.0
 _WORKER_RETRY_AFTER_S = 60.0
 _MAX_ABANDONED_THREADS = 4
+_WALL_BACKSTOP_FACTOR = 20.0
+_POLL_SLICE_S = 0.05  # how often the caller reads a busy worker's CPU time
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _cpu_seconds(pid: int) -> Optional[float]:
+    """User + system CPU seconds of process ``pid`` so far; None where /proc cannot tell."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            fields = handle.read().rsplit(b")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS  # utime, stime (proc(5) fields 14, 15)
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 # The worker imports this very copy of kdrl (its package root first on sys.path), not whichever
@@ -91,15 +106,22 @@ class _Worker:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def _readline(self, deadline: float) -> Optional[bytes]:
-        """A line from the worker, None on deadline or EOF (worker gone)."""
+    def _readline(self, deadline: float, cpu_budget: Optional[float] = None) -> Optional[bytes]:
+        """A line from the worker; None on EOF (worker gone), at the wall-clock ``deadline``, or
+        once the worker has used ``cpu_budget`` more CPU seconds (when /proc can tell)."""
         fd = self.proc.stdout.fileno()
+        cpu_start = _cpu_seconds(self.proc.pid) if cpu_budget is not None else None
         while b"\n" not in self._buf:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return None
-            if not self._poll.poll(math.ceil(remaining * 1000)):
-                return None
+            wait = remaining if cpu_start is None else min(remaining, _POLL_SLICE_S)
+            if not self._poll.poll(math.ceil(wait * 1000)):
+                if cpu_start is not None:
+                    used = _cpu_seconds(self.proc.pid)
+                    if used is None or used - cpu_start > cpu_budget:
+                        return None
+                continue
             chunk = os.read(fd, 4096)
             if not chunk:
                 return None
@@ -111,7 +133,11 @@ class _Worker:
         msg = json.dumps({"g": gold, "p": pred, "t": timeout_s}) + "\n"
         self.proc.stdin.write(msg.encode())
         self.proc.stdin.flush()
-        line = self._readline(time.monotonic() + timeout_s + _HARD_KILL_GRACE_S)
+        budget = timeout_s + _HARD_KILL_GRACE_S
+        if _cpu_seconds(self.proc.pid) is None:  # no /proc: wall-clock time is all there is
+            line = self._readline(time.monotonic() + budget)
+        else:
+            line = self._readline(time.monotonic() + max(budget, 0.0) * _WALL_BACKSTOP_FACTOR + 1.0, budget)
         if line is None:
             # Stuck (non-interruptible C code) or died: kill it; a fresh one will be started.
             gone = not self.alive

@@ -7,6 +7,7 @@ import importlib
 import inspect
 import logging
 import math
+import sys
 import threading
 from typing import Any, Callable, Optional
 
@@ -15,10 +16,16 @@ from kdrl.rewards.types import ProblemLike
 
 logger = logging.getLogger("kdrl.rewards")
 
+
+class RewardError(ValueError):
+    """A user reward function cannot be used or broke its contract; the message names it."""
+
+
 class UserReward:
     """A user reward function made safe: an exception inside it scores 0.0 (logged and
     counted in ``reward_stats()["user_errors"]``). Returning a non-number or a non-finite
-    number is a bug in the function and raises ``ValueError`` naming it."""
+    number is a bug in the function: the first such call raises ``RewardError`` naming the
+    function, the value and the problem (a run stops rather than train on a made-up reward)."""
 
     def __init__(self, fn: Callable[..., Any], name: Optional[str] = None) -> None:
         self.fn = fn
@@ -43,21 +50,45 @@ class UserReward:
                 logger.warning("reward function %s raised (error #%d); scoring 0.0",
                                self.name, n, exc_info=True)
             return 0.0
-        return _as_finite_float(value, self.name)
+        return _as_finite_float(value, self.name, getattr(problem, "id", "?"))
 
 
-def _as_finite_float(value: Any, name: str) -> float:
+def _as_finite_float(value: Any, name: str, problem_id: str = "?") -> float:
+    what = f"reward function {name} returned"
+    needed = f"for problem '{problem_id}'; it must return a finite number (e.g. 1.0 or 0.0)"
     if isinstance(value, (str, bytes, complex)) or value is None:
-        raise ValueError(f"reward function {name} returned {type(value).__name__} {value!r:.80}; "
-                         f"expected a finite real number")
+        raise RewardError(f"{what} {type(value).__name__} {repr(value)[:80]} {needed}")
     try:
         out = float(value)
-    except Exception as e:
-        raise ValueError(f"reward function {name} returned {type(value).__name__}, "
-                         f"which is not a number") from e
+    except Exception:
+        raise RewardError(f"{what} a {type(value).__name__}, which is not a number, {needed}") from None
     if not math.isfinite(out):
-        raise ValueError(f"reward function {name} returned non-finite value {out}")
+        raise RewardError(f"{what} {out} (non-finite) {needed}")
     return out
+
+
+def _refuse(spec: str, why: str) -> RewardError:
+    return RewardError(f"cannot load reward {spec!r}: {why}; a reward is your own function "
+                       "taking (problem, response) and returning a number")
+
+
+def _check_takes_problem_and_response(spec: str, obj: Any) -> None:
+    """Refuse what cannot be a reward: built-in and standard-library callables (``builtins:exec``,
+    ``os:popen`` would run model text), and callables that do not bind (problem, response)."""
+    if inspect.isbuiltin(obj) or type(obj).__name__ in ("method-wrapper", "wrapper_descriptor",
+                                                       "method_descriptor", "builtin_function_or_method"):
+        raise _refuse(spec, "it is a built-in function")
+    module = (getattr(obj, "__module__", None) or "").partition(".")[0]
+    if module in sys.stdlib_module_names:
+        raise _refuse(spec, f"it is part of the Python standard library ({module})")
+    try:
+        signature = inspect.signature(obj)
+    except (TypeError, ValueError):
+        raise _refuse(spec, "its arguments cannot be inspected") from None
+    try:
+        signature.bind(None, "")
+    except TypeError:
+        raise _refuse(spec, f"it takes {signature}, not (problem, response)") from None
 
 
 def load_reward(spec: str) -> UserReward:
@@ -68,6 +99,8 @@ def load_reward(spec: str) -> UserReward:
     mod_name, _, attr_path = (p.strip() for p in spec.partition(":"))
     if not mod_name or not attr_path:
         raise ValueError(f"reward spec {spec!r} must look like 'module:function'")
+    if mod_name.partition(".")[0] in sys.stdlib_module_names:  # refused before importing it
+        raise _refuse(spec, f"{mod_name!r} is a Python standard-library module")
     try:
         module = importlib.import_module(mod_name)
     except ModuleNotFoundError as e:
@@ -91,10 +124,5 @@ def load_reward(spec: str) -> UserReward:
     if not callable(obj):
         raise ValueError(f"cannot load reward {spec!r}: {attr_path!r} is a "
                          f"{type(obj).__name__}, not a callable")
-    try:
-        inspect.signature(obj).bind(None, "")
-    except TypeError:
-        raise ValueError(f"cannot load reward {spec!r}: it must accept (problem, response)") from None
-    except ValueError:
-        pass  # no introspectable signature (some builtins): trust it
+    _check_takes_problem_and_response(spec, obj)
     return UserReward(obj, name=spec)
