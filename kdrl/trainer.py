@@ -27,7 +27,7 @@ import torch
 
 from kdrl import checkpoint as ckpt
 from kdrl.config import Config, ConfigError, save_config
-from kdrl.data import DataError, PromptSampler, format_prompt, load_problems
+from kdrl.data import DataError, PromptSampler, format_prompt, load_problems, prompt_ids
 from kdrl.distributed import (Distributed, QuietLogger, full_model_state, full_optimizer_state, grad_norm_value,
                               init_distributed, load_optimizer_state, reduce_metrics, shard_model)
 from kdrl.evaluate import evaluate_problems
@@ -85,9 +85,9 @@ def make_encoder(tokenizer: Any, config: Config, max_tokens: int):
         if key not in cache:
             text = format_prompt(problem, tokenizer, config.data.chat_template, config.data.prompt_template,
                                  config.data.system_prompt, extra=suffix)
-            ids = tokenizer(text, add_special_tokens=not config.data.chat_template)["input_ids"]
-            if len(ids) > max_tokens:
-                raise DataError(f"problem '{problem.id}': prompt has {len(ids)} tokens, more than the "
+            ids, size = prompt_ids(tokenizer, text, max_tokens, add_special_tokens=not config.data.chat_template)
+            if ids is None:
+                raise DataError(f"problem '{problem.id}': prompt has {size}, more than the "
                                 f"{max_tokens} allowed (data.max_prompt_tokens, and the model's context "
                                 f"minus rollout.max_new_tokens)")
             cache[key] = ids

@@ -18,6 +18,7 @@ from typing import Callable, Optional
 import torch
 
 from kdrl.config import ObjectiveConfig
+from kdrl.config_io import ConfigError
 from kdrl.objective.advantages import ADVANTAGES
 from kdrl.objective.divergences import SAMPLED_KL, VOCAB_DIVERGENCES, check_loss_estimator, upcast, vocab_terms_chunked
 from kdrl.objective.offpolicy import shaped_offpolicy_pg
@@ -137,16 +138,16 @@ class Objective:
                                      (cfg.kd_token_selection, TOKEN_SELECTIONS, "kd_token_selection"),
                                      (cfg.beta.schedule, BETA_SCHEDULES, "beta.schedule")]:
             if value not in registry:
-                raise ValueError(f"objective.{key}: unknown {value!r} (valid: {', '.join(registry)})")
+                raise ConfigError(f"objective.{key}: unknown {value!r} (valid: {', '.join(registry)})")
         if cfg.kd_placement == "loss" and cfg.kd_estimator in SAMPLED_KL:
             check_loss_estimator(cfg.kd_estimator, "objective.kd_estimator")
         if cfg.kd_placement == "advantage" and cfg.kd_estimator != "k1":
-            raise ValueError("objective.kd_estimator: the advantage placement uses the sampled log-ratio k1 "
+            raise ConfigError("objective.kd_estimator: the advantage placement uses the sampled log-ratio k1 "
                              "(METHODS.md §3)")
         if cfg.ref_kl_coef != 0:
             check_loss_estimator(cfg.ref_kl_estimator, "objective.ref_kl_estimator")
         if cfg.kd_placement == "loss" and cfg.kd_estimator == "jsd" and cfg.jsd_beta in (0.0, 1.0):
-            raise ValueError(f"objective.jsd_beta: JSD({cfg.jsd_beta:g}) is identically 0; use "
+            raise ConfigError(f"objective.jsd_beta: JSD({cfg.jsd_beta:g}) is identically 0; use "
                              f"kd_estimator={'fkl' if cfg.jsd_beta == 0 else 'rkl'} for that limit")
         self.cfg = cfg
         self.total_steps = total_steps
