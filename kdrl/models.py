@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import random
 from pathlib import Path
 from typing import Any, Optional
 
@@ -110,6 +111,23 @@ def pick_device(name: str = "auto") -> torch.device:
         raise ConfigError(f"train.device: '{name}' is not a device kdrl can train on (use auto, cpu, cuda, "
                           "cuda:N or mps)")
     return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def set_cpu_threads(threads: int, device: torch.device, model: torch.nn.Module) -> None:
+    """``train.cpu_threads`` (0 = auto: one thread for a model under 50M parameters, torch's
+    default otherwise); nothing on an accelerator."""
+    if device.type != "cpu":
+        return
+    if threads == 0:
+        if sum(p.numel() for p in model.parameters()) >= 50_000_000:
+            return
+        threads = 1
+    torch.set_num_threads(threads)
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -35,24 +35,12 @@ def test_overrides_are_typed():
     ("rollout.group_size=1", "rollout.group_size"),
     ("rollout.top_p=0", "rollout.top_p"),
     ("objective.beta.initial=-0.1", "objective.beta.initial"),
+    ("objective.kd_estimator=k1", "zero-mean"),
+    ("objective.kd_placement=advantage", "objective.kd_estimator"),
 ])
 def test_bad_overrides_name_the_key(override, needle):
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
         load_config(None, [override])
-
-
-@pytest.mark.parametrize("override, needle", [
-    ("objective.kd_estimator=k1", "zero-mean"),
-    ("objective.kd_placement=advantage", "objective.kd_estimator"),
-])
-def test_objective_rules_live_in_the_objective_only(override, needle):
-    """The Objective makes these checks (for every caller, recipe or not); config.validate does not
-    repeat them, and the Objective's error is a ConfigError the CLI prints as one line."""
-    from kdrl.objective import Objective
-
-    config = load_config(None, [override])  # validate leaves the objective's own rules to it
-    with pytest.raises(ConfigError, match=needle):
-        Objective(config.objective, total_steps=1, max_response_len=8)
 
 
 def test_group_of_one_allowed_without_group_advantage():
