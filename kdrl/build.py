@@ -193,7 +193,7 @@ def build(config: Config, resume: Optional[str | Path] = None) -> Run:
               sampling_source=sampling_source, teacher_scorer=teacher_scorer,
               reference_scorer=make_scorer(reference, config) if reference is not None else None,
               failed_groups=make_failed_group_action(config, student_engine, reward_fn, tokenizer, student_scorer,
-                                                     solution_pools),
+                                                     solution_pools, info.any_rank),
               dist=info, step=step, nonfinite_streak=streak)
     if previous is not None:
         restore_state(run, previous)
