@@ -227,7 +227,7 @@ class TrainConfig:
     # Sized for the bundled run on the sums task (8 prompts x 8 responses on CPU; what it measured
     # is in the README's default-run section); recipes/paper/ holds the values for real checkpoints.
     # The bundled student is 0.21M parameters, small enough for 1e-3 (the comparison's learning rate).
-    steps: int = 150
+    steps: int = 300
     learning_rate: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 10
