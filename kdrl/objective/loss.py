@@ -153,19 +153,12 @@ class Objective:
     # ----------------------------------------------------------------------- state across steps
 
     def after_update(self, metrics: dict[str, Any]) -> None:
-        """Called by the trainer after each optimizer step with that step's update metrics: the β
-        controller (kdrl_auto) takes its KL measurement; nothing to adapt otherwise.
-
-        The metrics are this process's: its share of a global token mean (the loss weights are
-        normalised over every rank), so the ranks' values are summed here, and every rank's
-        controller sees the same global KL and keeps the same β."""
-        if self.beta_controller is None:
-            return
-        local = torch.tensor([measured_kl(metrics, self.cfg.kd_estimator), float(bool(metrics.get("skipped")))],
-                             dtype=torch.float64)
-        kl, skipped = self.all_reduce_sum(local).tolist()  # collective: every rank calls it, skipped or not
-        if not skipped:
-            self.beta_controller.update(kl)
+        """Called by the trainer after each optimizer step with that step's update metrics, reduced
+        over ranks (so every rank's controller sees the same global KL and keeps the same β): the β
+        controller (kdrl_auto) takes its KL measurement; nothing to adapt otherwise. A skipped
+        update (on any rank: ``skipped`` is averaged) is no measurement."""
+        if self.beta_controller is not None and not metrics.get("skipped"):
+            self.beta_controller.update(measured_kl(metrics, self.cfg.kd_estimator))
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps to resume the objective exactly (``trainer_state["objective"]``)."""
@@ -208,6 +201,15 @@ class Objective:
         token_weights = LOSS_AGGREGATIONS[cfg.loss_agg](mask, self.max_response_len, self.all_reduce_sum)
         return replace(batch, advantages=advantages, kd_mask=kd_mask, nll_mask=nll_mask,
                        token_weights=token_weights, kd_token_weights=kd_tokens, beta=beta, pg_coef=pg_coef)
+
+    def minibatch(self, batch: TrainBatch, rows: Tensor) -> TrainBatch:
+        """The prepared batch's ``rows`` as one optimizer step's batch (``train.updates_per_batch`` > 1):
+        the loss aggregation recomputed over these rows (all ranks' share of them), so token_mean
+        divides by this minibatch's token count, not the whole batch's."""
+        sub = batch.rows(rows)
+        weights = LOSS_AGGREGATIONS[self.cfg.loss_agg](upcast(sub.response_mask), self.max_response_len,
+                                                       self.all_reduce_sum)
+        return replace(sub, token_weights=weights)
 
     def _kd_token_weights(self, batch: TrainBatch, mask: Tensor) -> Optional[Tensor]:
         """None (every token) or [B, R] weights of the KD term from TOKEN_SELECTIONS. TIP's δ_t is
@@ -276,6 +278,7 @@ class Objective:
         s, entropy, divergence = vocab_terms_chunked(
             student.hidden_states[valid], student.output_weight, student.output_bias, batch.response_ids[valid],
             *self._teacher_hidden(batch, valid), divergence=cfg.kd_estimator if self.needs_teacher_hidden else None,
+            teacher_bias=batch.teacher_output_bias if self.needs_teacher_hidden else None,
             chunk_size=cfg.chunk_size, temperature=self.temperature, entropy_grad=cfg.entropy_coef != 0,
             **self._divergence_kwargs)
         ratio = importance_ratio(s, s_old)
