@@ -307,7 +307,7 @@ def make_teacher_scorer(config: Config, cache: Optional[TeacherCache], routed: O
         initial = load_model(config.model.student, config.model, device, trainable=False) \
             if config.self_teacher.mode == "frozen" else None
         scorer = SelfTeacher(config.self_teacher, student, initial, encode, tokenizer.pad_token_id,
-                             config.train.micro_batch_size, config.objective.chunk_size, config.rollout.temperature)
+                             scorer_of=lambda model: make_scorer(model, config))
         scorer.check(train_problems, config.data.train)  # every privileged prompt fits, before training
         return scorer
     return make_scorer(teacher, config) if teacher is not None else None
