@@ -25,7 +25,7 @@ from kdrl.logger import MetricsLogger, truncate_metrics
 from kdrl.models import (ModelError, check_tokenizers_compatible, context_length, load_model, load_tokenizer,
                          seed_everything, set_cpu_threads)
 from kdrl.objective import Objective, objective_inputs
-from kdrl.rewards import combine_rewards
+from kdrl.rewards import combine_rewards, parse_reward_specs
 from kdrl.rollout import RolloutEngine, make_engine
 from kdrl.rollout.failed_groups import FailedGroupAction, load_solution_files, make_failed_group_action
 from kdrl.rollout.sources import CachedRollouts, DatasetResponses, RolloutSource, batch_writers
@@ -193,7 +193,7 @@ def build(config: Config, resume: Optional[str | Path] = None) -> Run:
               sampling_source=sampling_source, teacher_scorer=teacher_scorer,
               reference_scorer=make_scorer(reference, config) if reference is not None else None,
               failed_groups=make_failed_group_action(config, student_engine, reward_fn, tokenizer, student_scorer,
-                                                     solution_pools),
+                                                     solution_pools, info.any_rank),
               dist=info, step=step, nonfinite_streak=streak)
     if previous is not None:
         restore_state(run, previous)
@@ -202,18 +202,6 @@ def build(config: Config, resume: Optional[str | Path] = None) -> Run:
 
 
 # --------------------------------------------------------------------------- pieces of build
-
-
-def parse_reward_specs(specs: list[str]) -> list[tuple[str, float]]:
-    """``"math"`` or ``"format*0.1"`` -> (name, weight)."""
-    parsed = []
-    for spec in specs:
-        name, _, weight = spec.partition("*")
-        try:
-            parsed.append((name.strip(), float(weight) if weight else 1.0))
-        except ValueError:
-            raise DataError(f"reward.functions: bad weight in '{spec}' (use name*weight, e.g. format*0.1)") from None
-    return parsed
 
 
 def find_checkpoint(resume: Optional[str | Path]) -> Optional[Resume]:

@@ -6,17 +6,19 @@ stderr and exit status 2; no traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from pathlib import Path
 from typing import Optional
 
-from kdrl.checkpoint import CheckpointError
+from kdrl.checkpoint import CheckpointError, disk_full_message, is_disk_full
 from kdrl.config import ConfigError, load_config
 from kdrl.data import DataError
 from kdrl.models import ModelError
+from kdrl.rewards import RewardError
 
-USER_ERRORS = (ConfigError, DataError, ModelError, CheckpointError)
+USER_ERRORS = (ConfigError, DataError, ModelError, CheckpointError, RewardError)
 REPO_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
 
@@ -25,8 +27,8 @@ def resolve_recipe(name: Optional[str]) -> Optional[Path]:
     if name is None:
         return None
     path = Path(name)
-    if path.is_file():
-        return path
+    if path.is_file() or (path.is_symlink() or path.exists()) and not path.is_dir():
+        return path  # a FIFO or a symlink loop too: load_config says what it is
     for folder in (Path("recipes"), REPO_RECIPES):
         candidate = folder / f"{name.removesuffix('.yaml')}.yaml"
         if candidate.is_file():
@@ -65,6 +67,9 @@ def cmd_cache_teacher(args: argparse.Namespace) -> int:
     config = load_config(resolve_recipe(args.recipe), args.overrides)
     if args.out:
         config.teacher_cache.path = args.out
+    out = Path(config.teacher_cache.path) if config.teacher_cache.path else None
+    if out is not None and (out.is_symlink() or out.exists()) and not out.is_dir():  # before any sampling
+        raise ConfigError(f"--out {out}: exists and is not a directory; give a new or a cache directory")
     folder = build_teacher_cache(config)
     print(f"kdrl: teacher cache of {config.teacher_cache.num_prompts} prompts x {config.rollout.group_size} "
           f"responses written to {folder}; train with teacher_cache.path={folder}", flush=True)
@@ -74,12 +79,11 @@ def cmd_cache_teacher(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from kdrl.build import parse_reward_specs
     from kdrl.config import Config, ModelConfig
     from kdrl.data import load_problems, make_encoder
     from kdrl.evaluate import evaluate_problems, markdown_table
     from kdrl.models import load_model, load_tokenizer, pick_device, set_cpu_threads
-    from kdrl.rewards import combine_rewards
+    from kdrl.rewards import combine_rewards, parse_reward_specs
     from kdrl.rollout import make_engine
 
     torch.manual_seed(args.seed)
@@ -227,7 +231,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
         argv = ["train"]
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value overrides after an option (`cache-teacher RECIPE --out DIR k=v`) are overrides too
+        if hasattr(args, "overrides") and all("=" in token and not token.startswith("-") for token in extra):
+            args.overrides = list(args.overrides) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.argv = argv[1:]
     if args.command is None:
         parser.print_help()
@@ -240,6 +249,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     except USER_ERRORS as error:
         print(f"kdrl: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # the environment, not kdrl: a full disk, a read-only or missing directory
+        if is_disk_full(error):
+            print(f"kdrl: error: {disk_full_message(Path(error.filename or '.'), error)}", file=sys.stderr)
+            return 2
+        if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.EEXIST,
+                           errno.ELOOP, errno.ENAMETOOLONG):
+            print(f"kdrl: error: {error.filename or 'a file'}: {error.strerror}", file=sys.stderr)
+            return 2
+        raise
     except KeyboardInterrupt:
         print("kdrl: interrupted", file=sys.stderr)
         return 130

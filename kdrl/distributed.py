@@ -51,6 +51,11 @@ class Distributed:
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
         return out
 
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` holds on some rank: one decision, taken together, for
+        code that must make the same collective calls on every rank."""
+        return bool(self.all_reduce_sum(torch.tensor(float(flag))) > 0)
+
     def share(self, count: int) -> slice:
         """This rank's contiguous share of ``count`` items; ``count`` must divide evenly."""
         if count % self.world_size:

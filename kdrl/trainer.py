@@ -59,6 +59,7 @@ def make_batch(rollouts: Rollouts, rewards: torch.Tensor, teacher_out, reference
         teacher_logprobs=teacher_out.token_logprobs if teacher_out is not None else None,
         teacher_hidden=teacher_out.hidden_states if teacher_out is not None else None,
         teacher_output_weight=teacher_out.output_weight if teacher_out is not None else None,
+        teacher_output_bias=teacher_out.output_bias if teacher_out is not None else None,
         reference_logprobs=reference_out.token_logprobs if reference_out is not None else None,
         on_policy=torch.tensor([float(source in ON_POLICY_SOURCES) for source in rollouts.sources]),
         sampler_entropy=rollouts.sampler_entropy, problems=rollouts.problems)
@@ -86,21 +87,26 @@ def update(run: Run, batch: TrainBatch) -> dict[str, float]:
     minibatches = rows.chunk(train.updates_per_batch)
     totals: dict[str, float] = {}
     for update_index, minibatch_rows in enumerate(minibatches):
-        scale = batch.num_rows / len(minibatch_rows)  # a minibatch carries the full batch's loss scale
+        # each minibatch normalised on its own (token_mean: by its own token count), so every
+        # optimizer step has the step size of a full batch whatever its responses' lengths
+        minibatch = run.objective.minibatch(batch, minibatch_rows) if len(minibatches) > 1 else batch
         run.optimizer.zero_grad(set_to_none=True)
         metrics: dict[str, float] = {}
         loss_finite = True
-        for micro_rows in minibatch_rows.split(train.micro_batch_size):
-            micro = batch.rows(micro_rows).to(run.device)
+        for micro_rows in torch.arange(minibatch.num_rows).split(train.micro_batch_size):
+            micro = minibatch.rows(micro_rows).to(run.device)
             loss, micro_metrics = run.objective.loss(micro, student_forward(run, micro), off_policy=update_index > 0)
             loss_finite = loss_finite and math.isfinite(float(loss.detach()))
-            (loss * scale).backward()
-            for key, value in micro_metrics.items():  # each a share of the global batch's weighted mean
-                metrics[key] = SumOverRanks(metrics.get(key, 0.0) + float(value) * scale)
+            loss.backward()
+            for key, value in micro_metrics.items():  # each a share of the global minibatch's weighted mean
+                metrics[key] = SumOverRanks(metrics.get(key, 0.0) + float(value))
         trainable = [p for p in run.student.parameters() if p.requires_grad]
         grad_norm = grad_norm_value(torch.nn.utils.clip_grad_norm_(trainable, train.max_grad_norm))
         metrics["grad_norm"] = grad_norm
-        if not loss_finite or not math.isfinite(metrics.get("loss", 0.0)) or not math.isfinite(grad_norm):
+        # skip together: a non-finite loss on any rank skips the step on every rank (the others would
+        # otherwise step while it does not, and the replicas' optimizer states part ways)
+        finite_here = loss_finite and math.isfinite(metrics.get("loss", 0.0)) and math.isfinite(grad_norm)
+        if run.dist.any_rank(not finite_here):
             run.optimizer.zero_grad(set_to_none=True)
             metrics["skipped"] = 1.0
             metrics["nonfinite_term"] = nonfinite_term(metrics)
@@ -108,7 +114,7 @@ def update(run: Run, batch: TrainBatch) -> dict[str, float]:
             run.optimizer.step()
             run.student_engine.sync_weights(run.student)  # an engine with its own weights (vLLM) follows
             metrics["skipped"] = 0.0
-        run.objective.after_update(reduce_metrics(metrics, run.dist))  # every rank hears the same numbers
+        run.objective.after_update(reduce_metrics(metrics, run.dist))  # every rank hears the same global numbers
         for key, value in metrics.items():  # report the last update's values
             totals[key] = value
     with warnings.catch_warnings():  # a skipped first step is deliberate, not torch's call-order mistake
@@ -192,9 +198,8 @@ def save(run: Run) -> Path:
         weights, optimizer_state = full_model_state(run.student), full_optimizer_state(run.student, run.optimizer)
         state = {"optimizer": optimizer_state, "scheduler": run.scheduler.state_dict(),
                  "prompt_order": run.prompt_order.state_dict(), "nonfinite_streak": run.nonfinite_streak,
-                 "rng": rng}
-        state["teacher"] = run.teacher_scorer.state_dict() if run.teacher_scorer is not None else {}
-        state["objective"] = run.objective.state_dict()
+                 "rng": rng, "objective": run.objective.state_dict(),
+                 "teacher": run.teacher_scorer.state_dict() if run.teacher_scorer is not None else {}}
         path = ckpt.checkpoint_dir(run.run_dir) / ckpt.step_name(run.step)
         if run.dist.is_main:
             path = ckpt.save_checkpoint(run.run_dir, run.step, run.student, run.tokenizer, state,
@@ -230,9 +235,9 @@ def train(config: Config, resume: Optional[str | Path] = None) -> dict[str, Any]
             logger.advance(metrics)
             check_nonfinite(run, metrics)
             if config.log.sample_every and run.step % config.log.sample_every == 0:
-                logger.samples(run.step, [{"prompt": rollouts.problems[i // rollouts.group_size].prompt,
-                                           "response": rollouts.response_texts[i], "reward": float(rewards[i])}
-                                          for i in range(min(4, rollouts.num_rows))])
+                logger.samples(run.step, [{"prompt": problem.prompt, "response": text, "reward": float(reward)}
+                                          for problem, text, reward in zip(rollouts.row_problems()[:4],
+                                                                           rollouts.response_texts, rewards)])
             if config.eval.every and run.step % config.eval.every == 0 and run.step < config.train.steps:
                 logger.log(run.step, evaluate_student(run), kind="eval")
             if config.checkpoint.every and run.step % config.checkpoint.every == 0:

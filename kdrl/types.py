@@ -70,6 +70,9 @@ class TeacherOutput:
     token_logprobs: torch.Tensor  # [B, R]
     hidden_states: Optional[torch.Tensor] = None  # [B, R, H] at the positions predicting each response token
     output_weight: Optional[torch.Tensor] = None  # [V, H]
+    # [V]: the output layer's bias (scaled like the hidden states), None for a head without one; the
+    # full-vocabulary terms must see the distribution the sampled token_logprobs come from
+    output_bias: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -90,6 +93,7 @@ class TrainBatch:
     teacher_logprobs: Optional[torch.Tensor] = None  # [B, R]
     teacher_hidden: Optional[torch.Tensor] = None  # [B, R, H]
     teacher_output_weight: Optional[torch.Tensor] = None  # [V, H]
+    teacher_output_bias: Optional[torch.Tensor] = None  # [V]
     reference_logprobs: Optional[torch.Tensor] = None  # [B, R]
     on_policy: Optional[torch.Tensor] = None  # [B] float, 1 where the row was sampled from the student
     sampler_entropy: Optional[torch.Tensor] = None  # [B, R] entropy of pi_old (token selection, e.g. tip)
@@ -115,7 +119,7 @@ class TrainBatch:
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == self.num_rows \
-                    and f.name != "teacher_output_weight":
+                    and f.name not in ("teacher_output_weight", "teacher_output_bias"):
                 updates[f.name] = value[index]
         return replace(self, **updates)
 

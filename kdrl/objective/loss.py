@@ -202,6 +202,15 @@ class Objective:
         return replace(batch, advantages=advantages, kd_mask=kd_mask, nll_mask=nll_mask,
                        token_weights=token_weights, kd_token_weights=kd_tokens, beta=beta, pg_coef=pg_coef)
 
+    def minibatch(self, batch: TrainBatch, rows: Tensor) -> TrainBatch:
+        """The prepared batch's ``rows`` as one optimizer step's batch (``train.updates_per_batch`` > 1):
+        the loss aggregation recomputed over these rows (all ranks' share of them), so token_mean
+        divides by this minibatch's token count, not the whole batch's."""
+        sub = batch.rows(rows)
+        weights = LOSS_AGGREGATIONS[self.cfg.loss_agg](upcast(sub.response_mask), self.max_response_len,
+                                                       self.all_reduce_sum)
+        return replace(sub, token_weights=weights)
+
     def _kd_token_weights(self, batch: TrainBatch, mask: Tensor) -> Optional[Tensor]:
         """None (every token) or [B, R] weights of the KD term from TOKEN_SELECTIONS. TIP's δ_t is
         |s_old − τ|, the sampled-token log-ratio (assumption: the full-vocabulary divergence would
@@ -269,6 +278,7 @@ class Objective:
         s, entropy, divergence = vocab_terms_chunked(
             student.hidden_states[valid], student.output_weight, student.output_bias, batch.response_ids[valid],
             *self._teacher_hidden(batch, valid), divergence=cfg.kd_estimator if self.needs_teacher_hidden else None,
+            teacher_bias=batch.teacher_output_bias if self.needs_teacher_hidden else None,
             chunk_size=cfg.chunk_size, temperature=self.temperature, entropy_grad=cfg.entropy_coef != 0,
             **self._divergence_kwargs)
         ratio = importance_ratio(s, s_old)

@@ -7,7 +7,7 @@ padder of every engine and teacher; ``score_rewards`` the one place rows are rew
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -22,6 +22,9 @@ class Row:
     text: str
     truncated: bool
     source: str
+    # [r] entropy of the sampler at each position (token selection, tip); None where no sampler's
+    # distribution exists (an AMPO teacher solution), which pack writes as 0 (assumption)
+    sampler_entropy: Optional[torch.Tensor] = None
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,8 +44,9 @@ def unpack(rollouts: Rollouts) -> list[Row]:
         prompt = rollouts.prompt_ids[b][rollouts.prompt_mask[b].bool()]
         length = int(rollouts.response_mask[b].sum())  # the mask is a prefix of ones
         source = rollouts.sources[b] if rollouts.sources else "policy"
+        entropy = rollouts.sampler_entropy[b, :length] if rollouts.sampler_entropy is not None else None
         rows.append(Row(prompt, rollouts.response_ids[b, :length], rollouts.sampler_logprobs[b, :length],
-                        rollouts.response_texts[b], bool(rollouts.truncated[b]), source))
+                        rollouts.response_texts[b], bool(rollouts.truncated[b]), source, entropy))
     return rows
 
 
@@ -54,15 +58,19 @@ def pack(rows: list[Row], problems: list[Problem], group_size: int, pad_id: int)
     response_ids = torch.full((count, length), pad_id, dtype=torch.long)
     response_mask = torch.zeros((count, length))
     sampler_logprobs = torch.zeros((count, length))
+    has_entropy = any(row.sampler_entropy is not None for row in rows)
+    sampler_entropy = torch.zeros((count, length)) if has_entropy else None
     for b, row in enumerate(rows):
         r = len(row.response_ids)
         response_ids[b, :r] = row.response_ids
         response_mask[b, :r] = 1.0
         sampler_logprobs[b, :r] = row.sampler_logprobs.float()
+        if sampler_entropy is not None and row.sampler_entropy is not None:
+            sampler_entropy[b, :r] = row.sampler_entropy.float()
     return Rollouts(problems=list(problems), group_size=group_size, prompt_ids=prompt_ids, prompt_mask=prompt_mask,
                     response_ids=response_ids, response_mask=response_mask, sampler_logprobs=sampler_logprobs,
                     response_texts=[row.text for row in rows], truncated=torch.tensor([row.truncated for row in rows]),
-                    sources=[row.source for row in rows])
+                    sources=[row.source for row in rows], sampler_entropy=sampler_entropy)
 
 
 def subset(rollouts: Rollouts, rows: torch.Tensor) -> Rollouts:
@@ -74,7 +82,8 @@ def subset(rollouts: Rollouts, rows: torch.Tensor) -> Rollouts:
                     response_ids=rollouts.response_ids[rows], response_mask=rollouts.response_mask[rows],
                     sampler_logprobs=rollouts.sampler_logprobs[rows],
                     response_texts=[rollouts.response_texts[b] for b in index], truncated=rollouts.truncated[rows],
-                    sources=[rollouts.sources[b] for b in index] if rollouts.sources else [])
+                    sources=[rollouts.sources[b] for b in index] if rollouts.sources else [],
+                    sampler_entropy=rollouts.sampler_entropy[rows] if rollouts.sampler_entropy is not None else None)
 
 
 def score_rewards(reward_fn: Any, rollouts: Rollouts) -> torch.Tensor:

@@ -38,7 +38,9 @@ class LocalTeacher(Teacher):
         token_logprobs = torch.cat(logprobs) * rollouts.response_mask
         return TeacherOutput(token_logprobs=token_logprobs,
                              hidden_states=torch.cat(hiddens) if need_hidden else None,
-                             output_weight=weight if need_hidden else None)
+                             output_weight=weight if need_hidden else None,
+                             output_bias=(bias * scale if scale != 1.0 else bias) if need_hidden and bias is not None
+                             else None)
 
 
 def make_scorer(model: torch.nn.Module, config: Config) -> LocalTeacher:

@@ -56,13 +56,14 @@ class RoutedTeacher(Teacher):
         if need_hidden and len(set(names)) > 1:
             raise ValueError("full-vocabulary KD with several teachers: their hidden states need one output layer")
         logprobs = torch.zeros_like(rollouts.sampler_logprobs)
-        hidden, weight = None, None
+        hidden, weight, bias = None, None, None
         for name in sorted(set(names)):
             rows = torch.tensor([b for b, n in enumerate(names) if n == name])
             out = self.scorers[name].score(subset(rollouts, rows), need_hidden=need_hidden)
             logprobs[rows] = out.token_logprobs.to(logprobs.dtype)
-            hidden, weight = out.hidden_states, out.output_weight  # one teacher when needed (checked above)
-        return TeacherOutput(token_logprobs=logprobs, hidden_states=hidden, output_weight=weight)
+            # one teacher when needed (checked above)
+            hidden, weight, bias = out.hidden_states, out.output_weight, out.output_bias
+        return TeacherOutput(token_logprobs=logprobs, hidden_states=hidden, output_weight=weight, output_bias=bias)
 
 
 def load_routed_teachers(config: Config, tokenizer: Any, student: torch.nn.Module, problems: list[Problem],

@@ -66,7 +66,8 @@ class SelfTeacher(Teacher):
         out = self.scorer.score(self.privileged(rollouts), need_hidden)
         if out.output_weight is not None and self.cfg.mode != "frozen":
             # the live / EMA weight changes with training: keep the one that scored this batch
-            out = replace(out, output_weight=out.output_weight.detach().clone())
+            out = replace(out, output_weight=out.output_weight.detach().clone(),
+                          output_bias=None if out.output_bias is None else out.output_bias.detach().clone())
         return out
 
     @torch.no_grad()
