@@ -12,3 +12,13 @@ def even_answer(problem, response: str) -> float:
 
     answers = re.findall(r"\\boxed\{(\d)\}", response)
     return 1.0 if answers and int(answers[-1]) % 2 == 0 else 0.0
+
+
+def rank_zero_solves_all(problem, response: str) -> float:
+    """Rank 0's groups all succeed, the others' are graded by math: under two processes only one
+    rank has all-failed groups (the case that made ghpo and ampo wait on different collectives)."""
+    import os
+
+    from kdrl.rewards import math_reward
+
+    return 1.0 if os.environ.get("RANK", "0") == "0" else math_reward(problem, response)
