@@ -22,3 +22,15 @@ def rank_zero_solves_all(problem, response: str) -> float:
     from kdrl.rewards import math_reward
 
     return 1.0 if os.environ.get("RANK", "0") == "0" else math_reward(problem, response)
+
+
+def times_out(problem, response: str) -> float:
+    """Counts a verifier timeout for every row, as a loaded machine's math verification would."""
+    from kdrl.rewards.stats import _count
+
+    _count("timeouts")
+    return 0.0
+
+
+def returns_none(problem, response: str):
+    return None
