@@ -115,7 +115,7 @@ def update(run: Run, batch: TrainBatch) -> dict[str, float]:
             run.optimizer.step()
             run.student_engine.sync_weights(run.student)  # an engine with its own weights (vLLM) follows
             metrics["skipped"] = 0.0
-        run.objective.after_update(reduce_metrics(metrics, run.dist))  # every rank hears the same numbers
+        run.objective.after_update(reduce_metrics(metrics, run.dist))  # every rank hears the same global numbers
         for key, value in metrics.items():  # report the last update's values
             totals[key] = value
     with warnings.catch_warnings():  # a skipped first step is deliberate, not torch's call-order mistake
@@ -219,9 +219,8 @@ def save(run: Run) -> Path:
         weights, optimizer_state = full_model_state(run.student), full_optimizer_state(run.student, run.optimizer)
         state = {"optimizer": optimizer_state, "scheduler": run.scheduler.state_dict(),
                  "prompt_order": run.prompt_order.state_dict(), "nonfinite_streak": run.nonfinite_streak,
-                 "rng": rng}
-        state["teacher"] = run.teacher_scorer.state_dict() if run.teacher_scorer is not None else {}
-        state["objective"] = run.objective.state_dict()
+                 "rng": rng, "objective": run.objective.state_dict(),
+                 "teacher": run.teacher_scorer.state_dict() if run.teacher_scorer is not None else {}}
         path = ckpt.checkpoint_dir(run.run_dir) / ckpt.step_name(run.step)
         if run.dist.is_main:
             path = ckpt.save_checkpoint(run.run_dir, run.step, run.student, run.tokenizer, state,
@@ -258,9 +257,9 @@ def train(config: Config, resume: Optional[str | Path] = None, overwrite: bool =
             logger.advance(metrics)
             check_nonfinite(run, metrics)
             if config.log.sample_every and run.step % config.log.sample_every == 0:
-                logger.samples(run.step, [{"prompt": rollouts.problems[i // rollouts.group_size].prompt,
-                                           "response": rollouts.response_texts[i], "reward": float(rewards[i])}
-                                          for i in range(min(4, rollouts.num_rows))])
+                logger.samples(run.step, [{"prompt": problem.prompt, "response": text, "reward": float(reward)}
+                                          for problem, text, reward in zip(rollouts.row_problems()[:4],
+                                                                           rollouts.response_texts, rewards)])
             if config.eval.every and run.step % config.eval.every == 0 and run.step < config.train.steps:
                 logger.log(run.step, evaluate_student(run), kind="eval")
             if config.checkpoint.every and run.step % config.checkpoint.every == 0:

@@ -23,7 +23,9 @@ def _overrides(tiny_overrides: list[str], run_dir: Path) -> list[str]:
     return [o for o in tiny_overrides if not o.startswith("log.run_dir")] + [
         f"log.run_dir={run_dir}", "train.steps=1", f"rollout.prompts_per_step={PROMPTS}",
         f"rollout.group_size={GROUP}", "train.micro_batch_size=2", "train.warmup_steps=0",
-        "objective.kd_estimator=rkl", "objective.chunk_size=5", "train.max_grad_norm=1e9", "train.device=cpu"]
+        "objective.kd_estimator=rkl", "objective.chunk_size=5", "train.max_grad_norm=1e9", "train.device=cpu",
+        # kdrl_auto's β controller (β_0 = 1, as the constant default) measures the KL after the update
+        "objective.beta.schedule=adaptive"]
 
 
 def rows_share(rollouts: Rollouts, start: int, stop: int) -> Rollouts:
@@ -36,7 +38,7 @@ def rows_share(rollouts: Rollouts, start: int, stop: int) -> Rollouts:
                    sources=rollouts.sources[rows])
 
 
-def learn_one_step(overrides: list[str], rollouts_file: Path) -> tuple[dict, dict]:
+def learn_one_step(overrides: list[str], rollouts_file: Path) -> tuple[dict, dict, dict]:
     """The trainer's step on the saved global batch (this rank's share), then a checkpoint."""
     from kdrl.build import build
     from kdrl.rollout.rows import score_rewards
@@ -54,7 +56,7 @@ def learn_one_step(overrides: list[str], rollouts_file: Path) -> tuple[dict, dic
              for name, p in run.student.named_parameters()}
     run.step += 1
     save(run)
-    return metrics, grads
+    return metrics, grads, run.objective.state_dict()
 
 
 def _worker(rank: int, world: int, port: int, overrides: list[str], rollouts_file: Path, result_file: Path) -> None:
@@ -64,9 +66,10 @@ def _worker(rank: int, world: int, port: int, overrides: list[str], rollouts_fil
     from kdrl.distributed import close_distributed
 
     try:
-        metrics, grads = learn_one_step(overrides, rollouts_file)
+        metrics, grads, objective_state = learn_one_step(overrides, rollouts_file)
         if rank == 0:
             torch.save((metrics, grads), result_file)
+        torch.save(objective_state, result_file.with_name(f"objective-{rank}.pt"))
     except BaseException as error:  # reported to the parent
         torch.save(repr(error), result_file.with_name(f"error-{rank}.pt"))
         raise
@@ -100,7 +103,7 @@ def test_two_processes_match_one_process(tiny_overrides, tmp_path):
                                                      rollouts_file, result_file)) for rank in range(2)]
     for worker in workers:
         worker.start()
-    one_metrics, one_grads = learn_one_step(_overrides(tiny_overrides, one_dir), rollouts_file)  # meanwhile
+    one_metrics, one_grads, one_objective = learn_one_step(_overrides(tiny_overrides, one_dir), rollouts_file)
     for worker in workers:
         worker.join(timeout=120)
     errors = [torch.load(f, weights_only=False) for f in sorted(tmp_path.glob("error-*.pt"))]
@@ -111,6 +114,12 @@ def test_two_processes_match_one_process(tiny_overrides, tmp_path):
         assert two_metrics[key] == pytest.approx(one_metrics[key], rel=1e-5, abs=1e-6), key
     assert one_metrics["kd_loss"] > 0 and one_metrics["grad_norm"] > 0
     assert one_grads.keys() == two_grads.keys()
+    # each rank measured its share of the KL; summed over ranks, both see the one-process KL and β
+    two_objective = [torch.load(tmp_path / f"objective-{rank}.pt") for rank in range(2)]
+    assert one_objective["beta_controller"]["beta"] != 1.0
+    for state in two_objective:
+        assert state["beta_controller"]["beta"] == pytest.approx(one_objective["beta_controller"]["beta"], rel=1e-9)
+        assert state["beta_controller"]["first_kl"] == pytest.approx(one_metrics["kd_value"], rel=1e-5)
     for name in one_grads:
         torch.testing.assert_close(two_grads[name], one_grads[name], rtol=1e-4, atol=1e-5, msg=name)
 

@@ -153,19 +153,12 @@ class Objective:
     # ----------------------------------------------------------------------- state across steps
 
     def after_update(self, metrics: dict[str, Any]) -> None:
-        """Called by the trainer after each optimizer step with that step's update metrics: the β
-        controller (kdrl_auto) takes its KL measurement; nothing to adapt otherwise.
-
-        The metrics are this process's: its share of a global token mean (the loss weights are
-        normalised over every rank), so the ranks' values are summed here, and every rank's
-        controller sees the same global KL and keeps the same β."""
-        if self.beta_controller is None:
-            return
-        local = torch.tensor([measured_kl(metrics, self.cfg.kd_estimator), float(bool(metrics.get("skipped")))],
-                             dtype=torch.float64)
-        kl, skipped = self.all_reduce_sum(local).tolist()  # collective: every rank calls it, skipped or not
-        if not skipped:
-            self.beta_controller.update(kl)
+        """Called by the trainer after each optimizer step with that step's update metrics, reduced
+        over ranks (so every rank's controller sees the same global KL and keeps the same β): the β
+        controller (kdrl_auto) takes its KL measurement; nothing to adapt otherwise. A skipped
+        update (on any rank: ``skipped`` is averaged) is no measurement."""
+        if self.beta_controller is not None and not metrics.get("skipped"):
+            self.beta_controller.update(measured_kl(metrics, self.cfg.kd_estimator))
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps to resume the objective exactly (``trainer_state["objective"]``)."""
