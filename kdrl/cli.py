@@ -55,7 +55,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         config = load_config(resolve_recipe(recipe), overrides)
     try:
-        train(config, resume=args.resume)  # under torchrun: one process per device (kdrl.distributed)
+        train(config, resume=args.resume, overwrite=args.overwrite)  # under torchrun: one process per device
     finally:
         close_distributed()
     return 0
@@ -169,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("recipe", nargs="?", help="recipe YAML or preset name (recipes/NAME.yaml)")
     train.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=50")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest complete checkpoint")
+    train.add_argument("--overwrite", action="store_true",
+                       help="clear a log.run_dir that already holds a run (otherwise it is refused)")
     train.set_defaults(func=cmd_train)
 
     evaluate = commands.add_parser("eval", help="evaluate checkpoints on problem sets")
