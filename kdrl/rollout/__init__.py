@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 from kdrl.types import Problem, Rollouts
 
@@ -19,10 +19,29 @@ class RolloutEngine(Protocol):
                  prompt_suffixes: list[str] | None = None) -> Rollouts: ...
 
 
-def make_engine(name: str, **kwargs) -> RolloutEngine:
+def _hf_engine(vllm: Any = None, seed: int = 0, **kwargs: Any) -> RolloutEngine:
     from kdrl.rollout.hf import HFRolloutEngine
 
-    engines: dict[str, Callable[..., RolloutEngine]] = {"hf": HFRolloutEngine}
-    if name not in engines:
-        raise ValueError(f"rollout.engine: unknown engine '{name}' (available: {', '.join(engines)})")
-    return engines[name](**kwargs)
+    return HFRolloutEngine(**kwargs)  # the vllm engine's settings do not apply
+
+
+def _vllm_engine(**kwargs: Any) -> RolloutEngine:
+    from kdrl.rollout.vllm import VLLMRolloutEngine  # imported only when asked: vllm is an optional extra
+
+    return VLLMRolloutEngine(**kwargs)
+
+
+ENGINES: dict[str, Callable[..., RolloutEngine]] = {"hf": _hf_engine, "vllm": _vllm_engine}
+
+
+def make_engine(name: str, **kwargs: Any) -> RolloutEngine:
+    if name not in ENGINES:
+        raise ValueError(f"rollout.engine: unknown engine '{name}' (available: {', '.join(ENGINES)})")
+    return ENGINES[name](**kwargs)
+
+
+def sync_weights(engine: Any, model: Any) -> None:
+    """Push the model's current weights into an engine that keeps its own copy (vllm); the hf engine
+    generates with the model itself and needs nothing."""
+    if hasattr(engine, "sync_weights"):
+        engine.sync_weights(model)
