@@ -39,7 +39,7 @@ from kdrl.objective import Objective
 from kdrl.onpolicy import (ON_POLICY_SOURCES, SELF, DatasetResponses, RolloutSource, SelfTeacher, needs_reference_model,
                            needs_teacher_model, solution_users)
 from kdrl.rewards import combine_rewards
-from kdrl.rollout import SamplingParams, make_engine
+from kdrl.rollout import SamplingParams, make_engine, sync_weights
 from kdrl.teachers import LocalTeacher
 from kdrl.types import Problem, Rollouts, StudentOutput, TrainBatch
 
@@ -242,7 +242,8 @@ def setup(config: Config, resume: Optional[str | Path] = None) -> Run:
     run = Run(config, run_dir, device, tokenizer, student, teacher, reference, train_problems, eval_sets, reward_fn,
               objective, optimizer, scheduler, prompt_order, logger, step=step, nonfinite_streak=streak, dist=info)
     run.student_engine = make_engine(config.rollout.engine, model=student, tokenizer=tokenizer, encode=encode,
-                                     generation_batch_size=config.rollout.generation_batch_size)
+                                     generation_batch_size=config.rollout.generation_batch_size,
+                                     vllm=config.rollout.vllm, seed=config.train.seed)
     run.sampling_engine = make_rollout_source(config, run, teacher, encode)
     run.teacher_scorer = LocalTeacher(teacher, config.train.micro_batch_size, config.objective.chunk_size,
                                       config.rollout.temperature) \
@@ -269,7 +270,8 @@ def make_rollout_source(config: Config, run: Run, teacher: Optional[torch.nn.Mod
     mixed = rollout.policy == "mixed"
     if teacher is not None and (rollout.policy == "teacher" or (mixed and rollout.off_policy_source == "teacher")):
         engines["teacher"] = make_engine(rollout.engine, model=teacher, tokenizer=run.tokenizer, encode=encode,
-                                         generation_batch_size=rollout.generation_batch_size)
+                                         generation_batch_size=rollout.generation_batch_size, vllm=rollout.vllm,
+                                         seed=config.train.seed)
     if rollout.policy == "dataset" or (mixed and rollout.off_policy_source == "dataset"):
         engines["dataset"] = DatasetResponses(run.student, run.tokenizer, encode, config.train.micro_batch_size,
                                               config.objective.chunk_size, rollout.temperature)
@@ -432,8 +434,11 @@ def training_step(run: Run) -> dict[str, Any]:
         update_metrics = update(run, batch)
         if run.teacher_scorer is not None:
             run.teacher_scorer.after_update()  # an EMA self-teacher follows the student
+    with timed(timings, "sync"):
+        sync_weights(run.student_engine, run.student)  # the vllm engine holds its own copy of the weights
     run.step += 1
     metrics = {**step_metrics(run, rollouts, rewards, batch), **rescue_metrics, **update_metrics, **timings,
+               **getattr(run.student_engine, "metrics", {}),
                "tokens_per_second": float(rollouts.response_mask.sum()) / max(1e-9, sum(timings.values()))}
     return {**reduce_metrics(metrics, run.dist), "_rollouts": rollouts, "_rewards": rewards}
 
