@@ -66,7 +66,13 @@ def test_rows_have_the_hf_engines_layout(run):
     """Same prompts, padding, EOS and truncation conventions as the hf engine; greedy picks the same tokens."""
     problems, sampling = run.train_problems[:4], SamplingParams(0.0, 1.0, 30)
     hf = make_engine("hf", model=run.student, tokenizer=run.tokenizer, encode=run.student_engine.encode)
-    want, got = hf.generate(problems, 2, sampling), run.student_engine.generate(problems, 2, sampling)
+    try:
+        want = hf.generate(problems, 2, sampling)
+    except ValueError as error:  # transformers < 5.24 without the hf engine's prefill fallback
+        if "model_kwargs are not used" not in str(error):
+            raise
+        pytest.skip(f"the hf engine does not run on this transformers version yet: {error}")
+    got = run.student_engine.generate(problems, 2, sampling)
     assert torch.equal(got.prompt_ids, want.prompt_ids) and torch.equal(got.prompt_mask, want.prompt_mask)
     assert got.response_ids.shape == want.response_ids.shape and got.response_ids.dtype == want.response_ids.dtype
     assert got.response_mask.dtype == want.response_mask.dtype and got.truncated.dtype == want.truncated.dtype
@@ -127,9 +133,15 @@ def _perturb(model: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> None
                 parameter.add_(torch.randn(parameter.shape, generator=generator) * scale)
 
 
-def test_after_an_update_and_a_sync_vllm_samples_the_updated_student(run):
+@pytest.mark.parametrize("state", ["module", "deduplicated"])
+def test_after_an_update_and_a_sync_vllm_samples_the_updated_student(run, state, monkeypatch):
     """Long prompts (prefix cache filled with the old weights' KV) and tied embeddings: both are
-    stale without sync_weights' cache reset and lm_head alias."""
+    stale without sync_weights' cache reset and lm_head alias. "deduplicated": the state dict
+    FSDP2's full state gives (kdrl.distributed.full_model_state), each tied parameter under one name."""
+    if state == "deduplicated":
+        monkeypatch.setattr("kdrl.rollout.vllm.full_model_state",
+                            lambda model: {name: p.detach() for name, p in model.named_parameters()})
+        assert "lm_head.weight" not in dict(run.student.named_parameters())
     engine, problems = run.student_engine, run.train_problems[:3]
     suffixes, sampling = [LONG_SUFFIX] * len(problems), SamplingParams(1.0, 1.0, 16)
     before = engine.generate(problems, 4, sampling, prompt_suffixes=suffixes)
