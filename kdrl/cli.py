@@ -96,8 +96,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model = load_model(path, ModelConfig(dtype=args.dtype), device, trainable=False)
         set_cpu_threads(0, device, model)
         encode = make_encoder(tokenizer, config, 10 ** 9)
-        engine = make_engine("hf", model=model, tokenizer=tokenizer, encode=encode,
-                             generation_batch_size=args.batch_size)
+        engine = make_engine(args.engine, model=model, tokenizer=tokenizer, encode=encode,
+                             generation_batch_size=args.batch_size, seed=args.seed)
         results[label] = {}
         for name, problems in sets.items():
             torch.manual_seed(args.seed)  # same samples for every model: deterministic for a seed
@@ -174,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--dtype", default="auto")
     evaluate.add_argument("--batch-size", type=int, default=256)
+    evaluate.add_argument("--engine", choices=["hf", "vllm"], default="hf",
+                          help="rollout engine (vllm: pip install \"kdrl[vllm]\"; rollout.vllm's default settings)")
     evaluate.add_argument("--out", help="write JSON here (and a .md table beside it)")
     evaluate.set_defaults(func=cmd_eval)
 
