@@ -128,6 +128,20 @@ def device_used_gib() -> float:
     return (total - free) / 2 ** 30
 
 
+def timed_sync(engine) -> list[float]:
+    """Record how long each ``engine.sync_weights`` call takes (the trainer calls it after every update)."""
+    seconds: list[float] = []
+    sync = engine.sync_weights
+
+    def timed(model) -> None:
+        started = time.perf_counter()
+        sync(model)
+        seconds.append(time.perf_counter() - started)
+
+    engine.sync_weights = timed
+    return seconds
+
+
 def last_batch_losses(run, rollouts, rewards) -> dict[str, float]:
     """The KDRL loss of one batch from the trained (bf16) student and from an fp32 copy of it, with
     the same teacher log-probs: bf16 training must compute the same objective."""
@@ -139,7 +153,7 @@ def last_batch_losses(run, rollouts, rewards) -> dict[str, float]:
     from kdrl.trainer import make_batch, student_forward
 
     teacher = run.teacher_scorer.score(rollouts, need_hidden=run.objective.needs_teacher_hidden)
-    batch = run.objective.prepare(make_batch(run, rollouts, rewards, teacher, None), run.step)
+    batch = run.objective.prepare(make_batch(rollouts, rewards, teacher, None), run.step)
     fp32_run = dataclasses.replace(run, student=copy.deepcopy(run.student).float())
     losses = {}
     with torch.no_grad():
@@ -158,25 +172,29 @@ def check_engine(engine: str, paths: dict[str, str], args: argparse.Namespace) -
     import torch
 
     from kdrl.config import load_config
-    from kdrl.trainer import setup, training_step
+    from kdrl.build import build
+    from kdrl.trainer import training_step
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as run_dir:
         started = time.perf_counter()
-        run = setup(load_config(REPO / "recipes" / "paper" / "kdrl_1.5b_7b.yaml",
+        run = build(load_config(REPO / "recipes" / "paper" / "kdrl_1.5b_7b.yaml",
                                 step_overrides(paths, engine, args, Path(run_dir))))
         result = {"engine": engine, "setup_seconds": time.perf_counter() - started,
                   "gpu_used_after_setup_gib": device_used_gib(), "steps": []}
         peak_used = result["gpu_used_after_setup_gib"]
+        sync_seconds = timed_sync(run.student_engine)
         for _ in range(args.steps):
             started = time.perf_counter()
+            sync_seconds.clear()
             metrics = training_step(run)
             rollouts, rewards = metrics.pop("_rollouts"), metrics.pop("_rewards")
             tokens = float(rollouts.response_mask.sum())
             result["steps"].append({
                 "step_seconds": time.perf_counter() - started, "response_tokens": tokens,
                 "generate_tokens_per_second": tokens / max(1e-9, metrics["time_generate"]),
+                "sync_seconds": sum(sync_seconds),  # inside time_train: the weights pushed after the update
                 **{k: v for k, v in metrics.items() if k.startswith("time_")},
                 **{k: metrics[k] for k in ("loss", "kd_loss", "logprob_gap", "response_length") if k in metrics}})
             peak_used = max(peak_used, device_used_gib())
@@ -192,7 +210,7 @@ def check_engine(engine: str, paths: dict[str, str], args: argparse.Namespace) -
 
 def report(results: list[dict], paths: dict) -> str:
     lines = [f"student {paths['student_params'] / 1e6:,.1f}M, teacher {paths['teacher_params'] / 1e6:,.1f}M parameters",
-             "", "| engine | step s | generate s | teacher s | train s | sync s | generate tokens/s | "
+             "", "| engine | step s | generate s | teacher s | train s (incl. sync) | sync s | generate tokens/s | "
              "peak GPU GiB (device) | logprob_gap | loss bf16 | loss fp32 | match |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
@@ -202,7 +220,7 @@ def report(results: list[dict], paths: dict) -> str:
             return sum(s.get(key, 0.0) for s in steps) / len(steps)
 
         lines.append(f"| {r['engine']} | {mean('step_seconds'):.1f} | {mean('time_generate'):.1f} | "
-                     f"{mean('time_teacher'):.1f} | {mean('time_train'):.1f} | {mean('time_sync'):.2f} | "
+                     f"{mean('time_teacher'):.1f} | {mean('time_train'):.1f} | {mean('sync_seconds'):.2f} | "
                      f"{mean('generate_tokens_per_second'):.0f} | {r['peak_gpu_used_gib']:.1f} | "
                      f"{mean('logprob_gap'):.2e} | {r['loss_bf16']:.5f} | {r['loss_fp32']:.5f} | "
                      f"{'yes' if r['loss_matches'] else 'NO'} |")

@@ -35,7 +35,7 @@ def measure(engine: str, args: argparse.Namespace) -> dict:
 
     from kdrl.config import load_config
     from kdrl.rollout import SamplingParams
-    from kdrl.trainer import setup
+    from kdrl.build import build
     from throughput import build_larger_models
 
     with tempfile.TemporaryDirectory() as root:
@@ -43,7 +43,7 @@ def measure(engine: str, args: argparse.Namespace) -> dict:
         overrides = [f"model.student={paths['student']}", f"rollout.engine={engine}", "data.eval=[]",
                      f"train.cpu_threads={args.threads}", "log.progress=false", f"log.run_dir={Path(root) / 'run'}"]
         started = time.perf_counter()
-        run = setup(load_config(REPO / "recipes" / "grpo.yaml", overrides))
+        run = build(load_config(REPO / "recipes" / "grpo.yaml", overrides))
         build_seconds = time.perf_counter() - started
         problems = run.train_problems[:args.prompts]
         sampling = SamplingParams(1.0, 1.0, args.max_new_tokens)

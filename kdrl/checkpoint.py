@@ -7,6 +7,7 @@ scheduler, step, data order and every random generator state.
 """
 from __future__ import annotations
 
+import copy
 import os
 import random
 import shutil
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+
+from kdrl.models import unwrap
 
 COMPLETE_MARKER = "COMPLETE"
 STATE_FILE = "trainer_state.pt"
@@ -50,12 +53,8 @@ def save_model(model: torch.nn.Module, tokenizer: Any, path: Path,
                state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
     """Hugging Face format; a LoRA student is saved merged, plus its adapter. ``state_dict``: the
     full weights gathered from several processes (kdrl.distributed), saved in place of the module's."""
-    from kdrl.models import unwrap
-
     if hasattr(model, "merge_and_unload") and hasattr(model, "peft_config"):
         model.save_pretrained(str(path / "adapter"))
-        import copy
-
         merged = copy.deepcopy(model).merge_and_unload()
         merged.save_pretrained(str(path), safe_serialization=True)
     else:

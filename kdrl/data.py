@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 from kdrl.types import Problem
 
@@ -172,6 +172,27 @@ def format_prompt(problem: Problem, tokenizer: Any, chat_template: bool, prompt_
     messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + \
         [{"role": "user", "content": text}]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def make_encoder(tokenizer: Any, config: Any, max_tokens: int) -> Callable[..., list[int]]:
+    """``encode(problem, suffix="") -> prompt token ids`` with the run's templates (``config``: a
+    kdrl.config.Config), memoised; a prompt over ``max_tokens`` is a DataError naming the problem."""
+    cache: dict[tuple[str, str], list[int]] = {}
+
+    def encode(problem: Problem, suffix: str = "") -> list[int]:
+        key = (problem.prompt, suffix)
+        if key not in cache:
+            text = format_prompt(problem, tokenizer, config.data.chat_template, config.data.prompt_template,
+                                 config.data.system_prompt, extra=suffix)
+            ids = tokenizer(text, add_special_tokens=not config.data.chat_template)["input_ids"]
+            if len(ids) > max_tokens:
+                raise DataError(f"problem '{problem.id}': prompt has {len(ids)} tokens, more than the "
+                                f"{max_tokens} allowed (data.max_prompt_tokens, and the model's context "
+                                f"minus rollout.max_new_tokens)")
+            cache[key] = ids
+        return cache[key]
+
+    return encode
 
 
 class PromptSampler:

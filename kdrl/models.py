@@ -7,6 +7,7 @@ recipe sets ``model.trust_remote_code``.
 from __future__ import annotations
 
 import pickle
+import random
 from pathlib import Path
 from typing import Any, Optional
 
@@ -42,6 +43,23 @@ def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def set_cpu_threads(threads: int, device: torch.device, model: torch.nn.Module) -> None:
+    """``train.cpu_threads`` (0 = auto: one thread for a model under 50M parameters, torch's
+    default otherwise); nothing on an accelerator."""
+    if device.type != "cpu":
+        return
+    if threads == 0:
+        if sum(p.numel() for p in model.parameters()) >= 50_000_000:
+            return
+        threads = 1
+    torch.set_num_threads(threads)
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:

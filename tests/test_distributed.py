@@ -36,15 +36,17 @@ def rows_share(rollouts: Rollouts, start: int, stop: int) -> Rollouts:
 
 def learn_one_step(overrides: list[str], rollouts_file: Path) -> tuple[dict, dict]:
     """The trainer's step on the saved global batch (this rank's share), then a checkpoint."""
-    from kdrl.trainer import make_batch, save, score_rewards, setup, update
+    from kdrl.build import build
+    from kdrl.rollout.rows import score_rewards
+    from kdrl.trainer import make_batch, save, update
     from kdrl.distributed import reduce_metrics
 
-    run = setup(load_config(None, overrides))
+    run = build(load_config(None, overrides))
     share = run.dist.share(PROMPTS)
     rollouts = rows_share(torch.load(rollouts_file, weights_only=False), share.start, share.stop)
-    rewards = score_rewards(run, rollouts)
+    rewards = score_rewards(run.reward_fn, rollouts)
     teacher = run.teacher_scorer.score(rollouts, need_hidden=run.objective.needs_teacher_hidden)
-    batch = run.objective.prepare(make_batch(run, rollouts, rewards, teacher, None), run.step)
+    batch = run.objective.prepare(make_batch(rollouts, rewards, teacher, None), run.step)
     metrics = reduce_metrics(update(run, batch), run.dist)
     grads = {name: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).detach().clone()
              for name, p in run.student.named_parameters()}
@@ -77,14 +79,14 @@ def _free_port() -> int:
 
 
 def test_two_processes_match_one_process(tiny_overrides, tmp_path):
-    from kdrl.trainer import setup
+    from kdrl.build import build
 
     # One global batch of rollouts, sampled once and shared by both runs.
-    sampler = setup(load_config(None, _overrides(tiny_overrides, tmp_path / "sampler")))
+    sampler = build(load_config(None, _overrides(tiny_overrides, tmp_path / "sampler")))
     from kdrl.rollout import SamplingParams
 
     torch.manual_seed(3)
-    rollouts = sampler.sampling_engine.generate(sampler.train_problems[:PROMPTS], GROUP, SamplingParams(1.0, 1.0, 12))
+    rollouts = sampler.sampling_source.generate(sampler.train_problems[:PROMPTS], GROUP, SamplingParams(1.0, 1.0, 12))
     assert rollouts.response_mask.sum(-1).unique().numel() > 1  # responses of different lengths
     rollouts_file = tmp_path / "rollouts.pt"
     torch.save(rollouts, rollouts_file)
@@ -118,8 +120,8 @@ def test_two_processes_match_one_process(tiny_overrides, tmp_path):
     for name in one_weights:
         torch.testing.assert_close(two_weights[name], one_weights[name], rtol=1e-5, atol=1e-6, msg=name)
     assert not list(two_ckpt.parent.glob(".tmp-*"))
-    one_run = setup(load_config(one_dir / "config.yaml"), resume=one_dir)
-    two_run = setup(load_config(two_dir / "config.yaml"), resume=two_dir)
+    one_run = build(load_config(one_dir / "config.yaml"), resume=one_dir)
+    two_run = build(load_config(two_dir / "config.yaml"), resume=two_dir)
     assert two_run.step == one_run.step == 1
     for p1, p2 in zip(one_run.student.parameters(), two_run.student.parameters()):
         s1, s2 = one_run.optimizer.state[p1], two_run.optimizer.state[p2]

@@ -1,8 +1,15 @@
-"""Rollout engines behind one small protocol: ``generate(problems, n, sampling) -> Rollouts``."""
+"""Rollout engines behind one small protocol, created by name through one registry.
+
+``generate(problems, n, sampling, step=0, prompt_suffixes=None) -> Rollouts`` samples ``n``
+responses per problem; ``sync_weights(model)`` is called by the trainer after every optimizer
+step (and once after build/resume) so that an engine holding its own copy of the weights (vLLM)
+samples from the current student; an engine that reads the live model does nothing.
+"""
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 from kdrl.types import Problem, Rollouts
 
@@ -15,33 +22,34 @@ class SamplingParams:
 
 
 class RolloutEngine(Protocol):
-    def generate(self, problems: list[Problem], n: int, sampling: SamplingParams,
-                 prompt_suffixes: list[str] | None = None) -> Rollouts: ...
+    def generate(self, problems: list[Problem], n: int, sampling: SamplingParams, step: int = 0,
+                 prompt_suffixes: Optional[list[str]] = None) -> Rollouts: ...
+
+    def sync_weights(self, model: Any) -> None: ...
 
 
-def _hf_engine(vllm: Any = None, seed: int = 0, **kwargs: Any) -> RolloutEngine:
-    from kdrl.rollout.hf import HFRolloutEngine
-
-    return HFRolloutEngine(**kwargs)  # the vllm engine's settings do not apply
-
-
-def _vllm_engine(**kwargs: Any) -> RolloutEngine:
-    from kdrl.rollout.vllm import VLLMRolloutEngine  # imported only when asked: vllm is an optional extra
-
-    return VLLMRolloutEngine(**kwargs)
+# name -> "module:attribute" of the engine class, imported when first asked for (an optional
+# dependency such as vLLM is imported only by the runs that use it); ``register_engine`` adds one.
+ENGINES: dict[str, str | Callable[..., RolloutEngine]] = {"hf": "kdrl.rollout.hf:HFRolloutEngine",
+                                                          "vllm": "kdrl.rollout.vllm:VLLMRolloutEngine"}
 
 
-ENGINES: dict[str, Callable[..., RolloutEngine]] = {"hf": _hf_engine, "vllm": _vllm_engine}
+def register_engine(name: str, factory: str | Callable[..., RolloutEngine]) -> None:
+    """Make ``rollout.engine=name`` build ``factory(**kwargs)`` (a class, or "module:attribute")."""
+    ENGINES[name] = factory
 
 
 def make_engine(name: str, **kwargs: Any) -> RolloutEngine:
     if name not in ENGINES:
         raise ValueError(f"rollout.engine: unknown engine '{name}' (available: {', '.join(ENGINES)})")
-    return ENGINES[name](**kwargs)
+    factory = ENGINES[name]
+    if isinstance(factory, str):
+        module, _, attribute = factory.partition(":")
+        factory = getattr(importlib.import_module(module), attribute)
+    return factory(**kwargs)
 
 
-def sync_weights(engine: Any, model: Any) -> None:
-    """Push the model's current weights into an engine that keeps its own copy (vllm); the hf engine
-    generates with the model itself and needs nothing."""
-    if hasattr(engine, "sync_weights"):
-        engine.sync_weights(model)
+def engine_options(name: str, vllm: Any = None, seed: int = 0) -> dict[str, Any]:
+    """The keyword arguments only some engines take: the vllm engine's ``rollout.vllm`` settings
+    (None: their defaults) and the run's seed."""
+    return {"vllm": vllm, "seed": seed} if name == "vllm" else {}

@@ -13,7 +13,7 @@ Two methods rescue it (METHODS.md §6):
   one that the verifier rejects, or that is longer than rollout.max_new_tokens, is skipped.
   With fewer verified solutions than k, they are used in turn (assumption).
 
-``action(rollouts, rewards, sampling) -> (rollouts, rewards, metrics)``; the rows of groups
+``action(rollouts, rewards, sampling, step) -> (rollouts, rewards, metrics)``; the rows of groups
 that did not fail are never touched.
 """
 from __future__ import annotations
@@ -22,13 +22,15 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from kdrl.config import Config
 from kdrl.data import DataError, read_jsonl, resolve_data_path
-from kdrl.methods.rows import Row, pack, subset, unpack
 from kdrl.rollout import SamplingParams
+from kdrl.rollout.rows import Row, pack, score_rewards, subset, unpack
 from kdrl.types import Problem, Rollouts
 
 Tensor = torch.Tensor
-FailedGroupAction = Callable[[Rollouts, Tensor, SamplingParams], tuple[Rollouts, Tensor, dict[str, float]]]
+# action(rollouts, rewards, sampling, step) -> (rollouts, rewards, metrics)
+FailedGroupAction = Callable[..., tuple[Rollouts, Tensor, dict[str, float]]]
 
 
 def all_failed_groups(rewards: Tensor, group_size: int, correct_threshold: float) -> list[int]:
@@ -37,12 +39,7 @@ def all_failed_groups(rewards: Tensor, group_size: int, correct_threshold: float
     return [int(g) for g in torch.nonzero(~correct.any(1)).flatten()]
 
 
-def score(reward_fn: Any, rollouts: Rollouts) -> Tensor:
-    return torch.tensor([float(reward_fn(rollouts.problems[b // rollouts.group_size], rollouts.response_texts[b]))
-                         for b in range(rollouts.num_rows)])
-
-
-def no_action(rollouts: Rollouts, rewards: Tensor, sampling: SamplingParams):
+def no_action(rollouts: Rollouts, rewards: Tensor, sampling: SamplingParams, step: int = 0):
     return rollouts, rewards, {}
 
 
@@ -61,7 +58,7 @@ class HintResampler:
         self.engine, self.reward_fn, self.fractions = engine, reward_fn, sorted(fractions)
         self.template, self.correct_threshold, self.pad_id = template, correct_threshold, pad_id
 
-    def __call__(self, rollouts: Rollouts, rewards: Tensor, sampling: SamplingParams):
+    def __call__(self, rollouts: Rollouts, rewards: Tensor, sampling: SamplingParams, step: int = 0):
         size = rollouts.group_size
         failed = all_failed_groups(rewards, size, self.correct_threshold)
         pending = [g for g in failed if rollouts.problems[g].solution]
@@ -71,9 +68,9 @@ class HintResampler:
             if not pending:
                 break
             problems = [rollouts.problems[g] for g in pending]
-            hinted = self.engine.generate(problems, size, sampling, prompt_suffixes=[
+            hinted = self.engine.generate(problems, size, sampling, step=step, prompt_suffixes=[
                 hint_text(p.solution, fraction, self.template) for p in problems])
-            hinted_rewards, hinted_rows = score(self.reward_fn, hinted), unpack(hinted)
+            hinted_rewards, hinted_rows = score_rewards(self.reward_fn, hinted), unpack(hinted)
             still = []
             for j, g in enumerate(pending):
                 block = hinted_rewards[j * size:(j + 1) * size]
@@ -129,7 +126,8 @@ class TeacherSolutionReplacer:
             self._verified[problem.id] = kept
         return self._verified[problem.id]
 
-    def __call__(self, rollouts: Rollouts, rewards: Tensor, sampling: Optional[SamplingParams] = None):
+    def __call__(self, rollouts: Rollouts, rewards: Tensor, sampling: Optional[SamplingParams] = None,
+                 step: int = 0):
         size = rollouts.group_size
         failed = all_failed_groups(rewards, size, self.correct_threshold)
         rows, rewards, replaced = unpack(rollouts), rewards.clone(), []
@@ -157,7 +155,7 @@ class TeacherSolutionReplacer:
 
 # --------------------------------------------------------------------------- registry
 
-def make_failed_group_action(config: Any, engine: Any, reward_fn: Any, tokenizer: Any, student_scorer: Any,
+def make_failed_group_action(config: Config, engine: Any, reward_fn: Any, tokenizer: Any, student_scorer: Any,
                              solution_pools: Optional[dict[str, list[str]]] = None) -> FailedGroupAction:
     options = config.failed_groups
     threshold = config.reward.correct_threshold
