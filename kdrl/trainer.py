@@ -180,7 +180,8 @@ def step_metrics(run: Run, rollouts: Rollouts, rewards: torch.Tensor, batch: Tra
     correct = (rewards >= run.config.reward.correct_threshold).float()
     return {"reward": float(rewards.mean()), "accuracy": float(correct.mean()),
             "response_length": float(lengths.mean()), "truncated_fraction": float(rollouts.truncated.float().mean()),
-            "lr": run.scheduler.get_last_lr()[0], **run.objective.prepare_metrics(batch)}
+            "lr": run.scheduler.get_last_lr()[0], **run.objective.prepare_metrics(batch),
+            **getattr(run.student_engine, "metrics", {})}  # e.g. vllm's pi_old_recomputed
 
 
 # ----------------------------------------------------------------------------- the loop
