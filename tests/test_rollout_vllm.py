@@ -181,12 +181,12 @@ def test_lora_student_is_synced_as_merged_weights(overrides):
     torch.testing.assert_close(rollouts.sampler_logprobs, recomputed(run, rollouts), atol=1e-4, rtol=0)
 
 
-def test_building_vllm_keeps_the_rng_and_thread_settings(overrides):
-    """vLLM reseeds the global generators and disables torch.set_num_threads; setup with the vllm
-    engine leaves both as setup with the hf engine does."""
+def test_building_vllm_keeps_the_rng_and_thread_settings(overrides, tmp_path):
+    """vLLM reseeds the global generators and disables torch.set_num_threads; build with the vllm
+    engine leaves both as build with the hf engine does."""
     from kdrl.build import build
 
-    build(load_config(None, [*overrides, "rollout.engine=hf"]))
+    build(load_config(None, [*overrides, "rollout.engine=hf", f"log.run_dir={tmp_path / 'hf'}"]))
     want = torch.rand(3)
     build(load_config(None, overrides))
     assert torch.equal(torch.rand(3), want)
