@@ -1,7 +1,7 @@
 """GPU check: 3 KDRL steps at the paper's model shapes with each rollout engine (hf, vllm).
 
     python benchmarks/gpu_check.py --out benchmarks/results/gpu          # one GPU, about 8 minutes
-    python benchmarks/gpu_check.py --shapes tiny --device cpu --out /tmp/x   # the same flow on CPU
+    python benchmarks/gpu_check.py --shapes tiny --device cpu --out OUT_DIR  # the same flow on CPU
 
 Random-init models with the shapes of the paper's pair (arXiv 2506.02208): a Qwen2 1.5B student
 (DeepSeek-R1-Distill-Qwen-1.5B's config) and a Qwen2 7B teacher (Qwen2.5-7B's), written by this
