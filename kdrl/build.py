@@ -204,8 +204,14 @@ def build(config: Config, resume: Optional[str | Path] = None, overwrite: bool =
     if info.is_main:  # everything is checked: now the run directory is written, once
         if previous is None and overwrite and run_dir.is_dir() and holds_a_run(run_dir):
             shutil.rmtree(run_dir)  # --overwrite: the other run is cleared, not mixed with this one
+        created = not run_dir.exists()
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, run_dir / "config.yaml")
+        try:
+            save_config(config, run_dir / "config.yaml")
+        except OSError:  # a full disk or a read-only directory: leave no empty run directory behind
+            if created:
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
         if previous is not None:  # a resumed run at its last step evaluates again: drop that evaluation
             truncate_metrics(run_dir, step, final_step=config.train.steps)
     info.barrier()

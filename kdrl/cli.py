@@ -156,7 +156,11 @@ def parse_pair(item: str) -> tuple[str, str]:
 
 def cmd_plot(args: argparse.Namespace) -> int:
     from kdrl.logger import plot_run
+    from kdrl.paths import path_problem
 
+    problem = path_problem(Path(args.run_dir) / "metrics.jsonl")
+    if problem:
+        raise ConfigError(f"{args.run_dir}: not a run directory (its metrics.jsonl is {problem})")
     print(plot_run(args.run_dir, args.out))
     return 0
 
@@ -255,10 +259,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     except OSError as error:  # the environment, not kdrl: a full disk, a read-only or missing directory
         if is_disk_full(error):
-            print(f"kdrl: error: {disk_full_message(Path(error.filename or '.'), error)}", file=sys.stderr)
+            where = Path(error.filename) if error.filename else None
+            print(f"kdrl: error: {disk_full_message(where, error)}", file=sys.stderr)
             return 2
         if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.EEXIST,
-                           errno.ELOOP, errno.ENAMETOOLONG):
+                           errno.ELOOP, errno.ENAMETOOLONG, errno.ENOENT):
             print(f"kdrl: error: {error.filename or 'a file'}: {error.strerror}", file=sys.stderr)
             return 2
         raise

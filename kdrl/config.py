@@ -505,4 +505,14 @@ def to_dict(config: Config) -> dict:
 
 
 def save_config(config: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    """Written whole or not at all (a temporary file renamed into place): a full disk never leaves
+    half a config.yaml that a later --resume would read."""
+    import os
+
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        temporary.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
