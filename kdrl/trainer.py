@@ -288,13 +288,9 @@ def make_self_teacher(config: Config, run: Run, encode) -> SelfTeacher:
 
 
 def set_cpu_threads(threads: int, device: torch.device, student: torch.nn.Module) -> None:
-    if device.type != "cpu":
-        return
-    if threads == 0:  # auto (see TrainConfig.cpu_threads)
-        if sum(p.numel() for p in student.parameters()) >= 50_000_000:
-            return
-        threads = 1
-    torch.set_num_threads(threads)
+    from kdrl.cpu_threads import apply_cpu_threads  # 0 = measured at start-up (kdrl.cpu_threads)
+
+    apply_cpu_threads(threads, device, student)
 
 
 def seed_everything(seed: int) -> None:
