@@ -26,6 +26,7 @@ from typing import Any, Optional
 import torch
 
 from kdrl import checkpoint as ckpt
+from kdrl.batching import micro_batches
 from kdrl.config import Config, ConfigError, save_config
 from kdrl.data import DataError, PromptSampler, format_prompt, load_problems
 from kdrl.distributed import (Distributed, QuietLogger, full_model_state, full_optimizer_state, grad_norm_value,
@@ -375,8 +376,8 @@ def update(run: Run, batch: TrainBatch) -> dict[str, float]:
         run.optimizer.zero_grad(set_to_none=True)
         metrics: dict[str, float] = {}
         loss_finite = True
-        for micro_rows in minibatch_rows.split(train.micro_batch_size):
-            micro = batch.rows(micro_rows).to(run.device)
+        for micro in micro_batches(batch, minibatch_rows, train.micro_batch_size):  # by length (kdrl.batching)
+            micro = micro.to(run.device)
             loss, micro_metrics = run.objective.loss(micro, student_forward(run, micro), off_policy=update_index > 0)
             loss_finite = loss_finite and math.isfinite(float(loss.detach()))
             (loss * scale).backward()
