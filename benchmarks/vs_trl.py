@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -144,7 +145,7 @@ def run_kdrl(spec: dict, paths: dict, work: Path, steps: int) -> list[float]:
     for _ in range(steps):
         metrics = training_step(run)
         ends.append(time.perf_counter())
-        phases.append({k: v for k, v in metrics.items() if k.startswith("time_")})
+        phases.append({k: v for k, v in metrics.items() if k.startswith("time_") or k == "response_length"})
     run.logger.close()
     return ends, phases
 
@@ -191,7 +192,7 @@ def worker(args: argparse.Namespace) -> None:
     if args.system == "trl-1thread":
         torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="vs_trl_"))
-    steps = spec["warmup"] + spec["steps"]
+    steps = spec["warmup"] + (args.measured_steps or spec["steps"])
     runner = run_kdrl if args.system == "kdrl" else run_trl
     ends, phases = runner(spec, paths, work, steps)
     warm = spec["warmup"]
@@ -206,9 +207,9 @@ def worker(args: argparse.Namespace) -> None:
 
 # ----------------------------------------------------------------------------- the comparison
 
-def measure(config: str, system: str, paths: dict) -> dict:
+def measure(config: str, system: str, paths: dict, measured_steps: int = 0) -> dict:
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--config", config, "--system", system,
-               "--paths", json.dumps(paths)]
+               "--paths", json.dumps(paths), "--measured-steps", str(measured_steps)]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     out = subprocess.run(command, capture_output=True, text=True, env=env)
     lines = [line for line in out.stdout.splitlines() if line.startswith("VS_TRL_RESULT ")]
@@ -221,7 +222,10 @@ def summarize(values: list[float]) -> dict:
     return {"min": min(values), "median": statistics.median(values), "max": max(values), "runs": values}
 
 
-def compare(configs: list[str], rounds: int, systems: list[str], root: Path) -> dict:
+def compare(configs: list[str], rounds: int, systems: list[str], root: Path, default_thread_rounds: int,
+            done: Callable[[dict], None] = lambda results: None) -> dict:
+    """``default_thread_rounds``: TRL with torch's default threads runs in the first rounds only, on
+    fewer steps (on a shared machine its steps can take ten times as long as with one thread)."""
     results = {}
     for config in configs:
         paths = build_assets(root, config)
@@ -229,12 +233,15 @@ def compare(configs: list[str], rounds: int, systems: list[str], root: Path) -> 
         for round_index in range(rounds):
             order = systems if round_index % 2 == 0 else list(reversed(systems))  # alternate who goes first
             for system in order:
-                result = measure(config, system, paths)
+                if system == "trl" and round_index >= default_thread_rounds:
+                    continue
+                short = min(CONFIGS[config]["steps"], 4) if system == "trl" else 0
+                result = measure(config, system, paths, short)
                 runs[system].append(result)
                 print(f"{config} round {round_index + 1} {system}: {result['per_step']:.3f} s/step "
                       f"({result['threads']} threads)", flush=True)
-        summary = {system: summarize([r["per_step"] for r in runs[system]]) for system in systems}
-        trl_systems = [s for s in systems if s.startswith("trl")]
+        summary = {system: summarize([r["per_step"] for r in runs[system]]) for system in systems if runs[system]}
+        trl_systems = [s for s in systems if s.startswith("trl") and s in summary]
         best_trl = min(trl_systems, key=lambda s: summary[s]["median"])
         summary["ratio_trl_over_kdrl"] = summary[best_trl]["median"] / summary["kdrl"]["median"]
         summary["best_trl"] = best_trl
@@ -242,6 +249,7 @@ def compare(configs: list[str], rounds: int, systems: list[str], root: Path) -> 
         summary["spec"] = {**CONFIGS[config], "student_params": paths.get("student_params"),
                            "teacher_params": paths.get("teacher_params")}
         results[config] = summary
+        done(results)  # written after each configuration: a later failure keeps the earlier ones
     return results
 
 
@@ -257,17 +265,32 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def phases_table(results: dict) -> str:
+    lines = ["kdrl's phases (s/step, the last kdrl run of each configuration):", "",
+             "| config | generate | teacher | train | rest | mean response tokens |", "|---|---|---|---|---|---|"]
+    for config, summary in results.items():
+        phases = summary["kdrl_phases"]
+        named = [phases.get(f"time_{name}", 0.0) for name in ("generate", "teacher", "train")]
+        rest = sum(v for k, v in phases.items() if k.startswith("time_")) - sum(named)
+        lines.append(f"| {config} | " + " | ".join(f"{value:.3f}" for value in named + [rest])
+                     + f" | {phases.get('response_length', 0.0):.1f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, from {', '.join(CONFIGS)}")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--systems", default="trl,trl-1thread,kdrl")
+    parser.add_argument("--default-thread-rounds", type=int, default=1,
+                        help="rounds in which TRL also runs with torch's default thread count")
     parser.add_argument("--out", type=Path, default=None, help="write results.json and results.md here")
     parser.add_argument("--note", default="", help="a line for results.md (e.g. whether the machine was shared)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     parser.add_argument("--system", help=argparse.SUPPRESS)
     parser.add_argument("--paths", help=argparse.SUPPRESS)
+    parser.add_argument("--measured-steps", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         return worker(args)
@@ -276,22 +299,27 @@ def main(argv: list[str] | None = None) -> None:
     import trl
 
     started = time.time()
-    with tempfile.TemporaryDirectory(prefix="vs_trl_assets_") as tmp:
-        results = compare(args.configs.split(","), args.rounds, args.systems.split(","), Path(tmp))
     environment = {"trl": trl.__version__, "transformers": transformers.__version__, "torch": torch.__version__,
                    "cpus": os.cpu_count(), "python": platform.python_version(), "rounds": args.rounds,
-                   "wall_s": round(time.time() - started), "note": args.note}
-    text = table(results)
-    print(text)
-    if args.out is not None:
+                   "note": args.note}
+
+    def write(results: dict) -> None:
+        if args.out is None:
+            return
         args.out.mkdir(parents=True, exist_ok=True)
+        environment["wall_s"] = round(time.time() - started)
         (args.out / "results.json").write_text(json.dumps({"environment": environment, "results": results},
                                                           indent=1) + "\n")
         header = (f"# kdrl vs TRL, per-step cost\n\n`python benchmarks/vs_trl.py --rounds {args.rounds} --out "
                   f"{args.out}`: TRL {trl.__version__}, transformers {transformers.__version__}, torch "
-                  f"{torch.__version__}, {os.cpu_count()} CPUs. {args.note}\n\n")
-        (args.out / "results.md").write_text(header + text + "\n")
+                  f"{torch.__version__}, {os.cpu_count()} CPUs, {environment['wall_s']} s in all. {args.note}\n\n")
+        (args.out / "results.md").write_text(header + table(results) + "\n\n" + phases_table(results) + "\n")
 
+    with tempfile.TemporaryDirectory(prefix="vs_trl_assets_") as tmp:
+        results = compare(args.configs.split(","), args.rounds, args.systems.split(","), Path(tmp),
+                          args.default_thread_rounds, write)
+    print(table(results))
+    print(phases_table(results))
 
 if __name__ == "__main__":
     main()
