@@ -57,6 +57,15 @@ def trl_char_parity(prompts, completions, **kwargs) -> list[float]:
     return [char_parity(None, text) for text in completions]
 
 
+def trl_kdrl_math(prompts, completions, answer, **kwargs) -> list[float]:
+    """kdrl's default reward (``math``), for TRL runs on kdrl's own task (benchmarks/throughput.py)."""
+    from kdrl.rewards import get_reward
+    from kdrl.types import Problem
+
+    reward = get_reward("math")
+    return [float(reward(Problem(id="", prompt=p, answer=a), text)) for p, a, text in zip(prompts, answer, completions)]
+
+
 # ----------------------------------------------------------------------------- assets
 
 def build_tokenizer():
@@ -155,7 +164,8 @@ def run_trl(spec: dict, paths: dict, work: Path, steps: int) -> list[float]:
     from transformers import AutoTokenizer, TrainerCallback
 
     rows = [json.loads(line) for line in Path(paths["data"]).read_text().splitlines()]
-    dataset = Dataset.from_list([{"prompt": row["prompt"]} for row in rows])
+    dataset = Dataset.from_list([{"prompt": row["prompt"], "answer": str(row.get("answer", ""))} for row in rows])
+    reward = trl_kdrl_math if spec.get("reward") == "math" else trl_char_parity
     tokenizer = AutoTokenizer.from_pretrained(paths["student"])
     clock = StepClock()
 
@@ -173,7 +183,7 @@ def run_trl(spec: dict, paths: dict, work: Path, steps: int) -> list[float]:
         from trl import GRPOConfig, GRPOTrainer
 
         args = GRPOConfig(num_generations=spec["group"], **common)
-        trainer = GRPOTrainer(model=paths["student"], reward_funcs=trl_char_parity, args=args,
+        trainer = GRPOTrainer(model=paths["student"], reward_funcs=reward, args=args,
                               train_dataset=dataset, processing_class=tokenizer, callbacks=[Clock()])
     else:
         from trl import DistillationConfig, DistillationTrainer
@@ -225,7 +235,7 @@ def summarize(values: list[float]) -> dict:
 def compare(configs: list[str], rounds: int, systems: list[str], root: Path, default_thread_rounds: int,
             done: Callable[[dict], None] = lambda results: None) -> dict:
     """``default_thread_rounds``: TRL with torch's default threads runs in the first rounds only, on
-    fewer steps (on a shared machine its steps can take ten times as long as with one thread)."""
+    two measured steps (on a shared machine its steps can take 20 times as long as with one thread)."""
     results = {}
     for config in configs:
         paths = build_assets(root, config)
@@ -235,7 +245,7 @@ def compare(configs: list[str], rounds: int, systems: list[str], root: Path, def
             for system in order:
                 if system == "trl" and round_index >= default_thread_rounds:
                     continue
-                short = min(CONFIGS[config]["steps"], 4) if system == "trl" else 0
+                short = 2 if system == "trl" else 0
                 result = measure(config, system, paths, short)
                 runs[system].append(result)
                 print(f"{config} round {round_index + 1} {system}: {result['per_step']:.3f} s/step "

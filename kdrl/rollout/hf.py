@@ -98,9 +98,17 @@ class TokenSampler:
         self.eos_ids = torch.tensor(eos_ids, dtype=torch.long)
         self.pad_id = pad_id
 
+    # ended rows leave the forward batch once they are this fraction of it (each drop copies the KV cache)
+    drop_finished_at = 0.25
+
     def run(self, model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, n: int
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """[rows, R] tokens, log-probs of the chosen tokens and entropies, rows = prompts x n."""
+        """[rows, R] tokens, log-probs of the chosen tokens and entropies, rows = prompts x n.
+
+        Rows that have ended leave the forward batch (their KV cache rows are dropped) once they are
+        ``drop_finished_at`` of it; the sampling step still draws for every row, so the generator is
+        consumed as before and the rows still running get the same tokens.
+        """
         device = ids.device
         cache_key = cache_keyword(model)
         cache = prefill(model, ids, mask, n, cache_key)
@@ -110,32 +118,49 @@ class TokenSampler:
         rows = tokens.shape[0]
         eos_ids = self.eos_ids.to(device)
         unfinished = torch.ones(rows, dtype=torch.bool, device=device)
-        ones = attention.new_ones((rows, 1))
+        batch = torch.arange(rows, device=device)  # the rows in the forward batch
         chosen, logprob_steps, entropy_steps = [], [], []
         for _ in range(self.max_new_tokens):
             out = model(input_ids=tokens, attention_mask=attention, position_ids=position, use_cache=True,
                         logits_to_keep=1, **{cache_key: cache})
             cache = returned_cache(out)
             logprobs = torch.log_softmax(out.logits[:, -1].float() / self.temperature, dim=-1)
-            entropy_steps.append(-(logprobs.exp() * logprobs).nan_to_num().sum(-1))
-            if self.greedy:
-                token = logprobs.argmax(-1)
-            else:
-                scores = self.top_p(None, logprobs) if self.top_p is not None else logprobs
-                token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
-            token = token.masked_fill(~unfinished, self.pad_id)  # finished rows get padding
+            token = self._sample(logprobs, batch, rows).masked_fill(~unfinished, self.pad_id)  # ended: padding
+            entropy, logprob = logprobs.new_zeros(rows), logprobs.new_zeros(rows)
+            entropy[batch] = -(logprobs.exp() * logprobs).nan_to_num().sum(-1)
+            logprob[batch] = logprobs.gather(-1, token[batch, None]).squeeze(-1)
             chosen.append(token)
-            logprob_steps.append(logprobs.gather(-1, token[:, None]).squeeze(-1))
+            logprob_steps.append(logprob)
+            entropy_steps.append(entropy)
             unfinished &= ~torch.isin(token, eos_ids)
             if not bool(unfinished.any()):
                 break
-            tokens = token[:, None]
-            attention = torch.cat([attention, ones], dim=-1)
+            running = unfinished[batch]
+            ended = len(batch) - int(running.sum())
+            if ended and ended >= self.drop_finished_at * len(batch):
+                keep = running.nonzero().squeeze(1)
+                cache.batch_select_indices(keep)
+                batch, attention, position = batch[keep], attention[keep], position[keep]
+            tokens = token[batch, None]
+            attention = torch.cat([attention, attention.new_ones((len(batch), 1))], dim=-1)
             position = position + 1
         if not chosen:
             empty = torch.zeros(rows, 0, device=device)
             return empty.long(), empty, empty
         return torch.stack(chosen, 1), torch.stack(logprob_steps, 1), torch.stack(entropy_steps, 1)
+
+    def _sample(self, logprobs: torch.Tensor, batch: torch.Tensor, rows: int) -> torch.Tensor:
+        """One token per row; ``logprobs`` holds the rows in the forward batch."""
+        token = torch.full((rows,), self.pad_id, dtype=torch.long, device=logprobs.device)
+        if self.greedy:
+            token[batch] = logprobs.argmax(-1)
+            return token
+        scores = self.top_p(None, logprobs) if self.top_p is not None else logprobs
+        # generate's draw: one multinomial over all rows. With one sample it takes one exponential per
+        # entry whatever the probabilities, so rows outside the batch get any valid distribution.
+        probs = logprobs.new_ones((rows, logprobs.shape[-1]))
+        probs[batch] = torch.softmax(scores, dim=-1)
+        return torch.multinomial(probs, num_samples=1).squeeze(1)
 
 
 def cache_keyword(model: torch.nn.Module) -> str:
