@@ -43,7 +43,7 @@ CONFIGS = {
     # larger: a 25M student whose sharpened output layer never ends early (EOS logit 0), so every
     # response is 256 tokens
     "grpo_large": dict(kind="grpo", student=dict(hidden=512, layers=8, heads=8, intermediate=1408, sharpen=7.0),
-                       prompts=4, group=4, max_new_tokens=256, warmup=1, steps=4),
+                       prompts=4, group=4, max_new_tokens=256, warmup=1, steps=3, rounds=2),
 }
 VOCAB_BYTES = [10] + list(range(32, 93))  # newline, space .. ']' : digits, '+', '=', upper case
 
@@ -240,7 +240,7 @@ def compare(configs: list[str], rounds: int, systems: list[str], root: Path, def
     for config in configs:
         paths = build_assets(root, config)
         runs: dict[str, list[dict]] = {system: [] for system in systems}
-        for round_index in range(rounds):
+        for round_index in range(min(rounds, CONFIGS[config].get("rounds", rounds))):
             order = systems if round_index % 2 == 0 else list(reversed(systems))  # alternate who goes first
             for system in order:
                 if system == "trl" and round_index >= default_thread_rounds:
