@@ -287,6 +287,26 @@ def phases_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def profile(config: str, top: int) -> None:
+    """kdrl's steps on one configuration under cProfile: per-phase seconds and the top functions."""
+    import cProfile
+    import pstats
+
+    import torch
+
+    spec = CONFIGS[config]
+    with tempfile.TemporaryDirectory(prefix="vs_trl_profile_") as tmp:
+        paths = build_assets(Path(tmp), config)
+        profiler = cProfile.Profile()
+        profiler.enable()
+        _, phases = run_kdrl(spec, paths, Path(tmp), spec["warmup"] + spec["steps"])
+        profiler.disable()
+    measured = phases[spec["warmup"]:]
+    print(f"{config}: {torch.get_num_threads()} threads; kdrl phases per step (under the profiler):",
+          {key: round(sum(p[key] for p in measured) / len(measured), 3) for key in measured[0]})
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(top)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, from {', '.join(CONFIGS)}")
@@ -296,6 +316,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="rounds in which TRL also runs with torch's default thread count")
     parser.add_argument("--out", type=Path, default=None, help="write results.json and results.md here")
     parser.add_argument("--note", default="", help="a line for results.md (e.g. whether the machine was shared)")
+    parser.add_argument("--profile", metavar="CONFIG", help="profile kdrl's steps on CONFIG instead of comparing")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     parser.add_argument("--system", help=argparse.SUPPRESS)
@@ -304,6 +325,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.worker:
         return worker(args)
+    if args.profile:
+        return profile(args.profile, 30)
     import torch
     import transformers
     import trl
