@@ -82,9 +82,10 @@ def measure_steps(recipe: str, overrides: list[str], steps: int) -> dict:
     import torch
 
     from kdrl.config import load_config
-    from kdrl.trainer import setup, training_step
+    from kdrl.build import build
+    from kdrl.trainer import training_step
 
-    run = setup(load_config(REPO / "recipes" / f"{recipe}.yaml", overrides))
+    run = build(load_config(REPO / "recipes" / f"{recipe}.yaml", overrides))
     training_step(run)  # warm-up
     records = []
     for _ in range(steps):
@@ -104,22 +105,24 @@ def measure_overhead(overrides: list[str], repeats: int) -> dict:
     """Teacher time alone, and the learning part of a step for grpo and kdrl on the same rollouts."""
     from kdrl.config import load_config
     from kdrl.rollout import SamplingParams
-    from kdrl.trainer import make_batch, score_rewards, setup, update
+    from kdrl.build import build
+    from kdrl.rollout.rows import score_rewards
+    from kdrl.trainer import make_batch, update
 
     def own_run_dir(method: str) -> list[str]:
         return [f"{o}-{method}" if o.startswith("log.run_dir=") else o for o in overrides]
 
-    runs = {method: setup(load_config(REPO / "recipes" / f"{method}.yaml", own_run_dir(method)))
+    runs = {method: build(load_config(REPO / "recipes" / f"{method}.yaml", own_run_dir(method)))
             for method in ("grpo", "kdrl")}
     config = runs["kdrl"].config
     sampling = SamplingParams(config.rollout.temperature, config.rollout.top_p, config.rollout.max_new_tokens)
 
     def learn(run, rollouts) -> float:
         started = time.perf_counter()
-        rewards = score_rewards(run, rollouts)
+        rewards = score_rewards(run.reward_fn, rollouts)
         teacher = run.teacher_scorer.score(rollouts, need_hidden=run.objective.needs_teacher_hidden) \
             if run.objective.needs_teacher else None
-        batch = run.objective.prepare(make_batch(run, rollouts, rewards, teacher, None), run.step)
+        batch = run.objective.prepare(make_batch(rollouts, rewards, teacher, None), run.step)
         update(run, batch)
         return time.perf_counter() - started
 
@@ -129,7 +132,7 @@ def measure_overhead(overrides: list[str], repeats: int) -> dict:
         batch_problems = [problems[(repeat * config.rollout.prompts_per_step + i) % len(problems)]
                           for i in range(config.rollout.prompts_per_step)]
         started = time.perf_counter()
-        rollouts = runs["grpo"].sampling_engine.generate(batch_problems, config.rollout.group_size, sampling)
+        rollouts = runs["grpo"].sampling_source.generate(batch_problems, config.rollout.group_size, sampling)
         generate = time.perf_counter() - started
         started = time.perf_counter()
         runs["kdrl"].teacher_scorer.score(rollouts)

@@ -137,8 +137,9 @@ class StepClock:
 
 def run_kdrl(spec: dict, paths: dict, work: Path, steps: int) -> list[float]:
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # the reward, as module:function
+    from kdrl.build import build
     from kdrl.config import load_config
-    from kdrl.trainer import setup, training_step
+    from kdrl.trainer import training_step
 
     overrides = [f"model.student={paths['student']}", f"data.train={paths['data']}", "data.eval=[]",
                  f"rollout.prompts_per_step={spec['prompts']}", f"rollout.group_size={spec['group']}",
@@ -149,7 +150,7 @@ def run_kdrl(spec: dict, paths: dict, work: Path, steps: int) -> list[float]:
                  "reward.functions=[vs_trl:char_parity]", "reward.correct_threshold=1.0"]
     if "teacher" in paths:
         overrides.append(f"model.teacher={paths['teacher']}")
-    run = setup(load_config(REPO / "recipes" / f"{spec['kind']}.yaml", overrides))
+    run = build(load_config(REPO / "recipes" / f"{spec['kind']}.yaml", overrides))
     ends, phases = [], []
     for _ in range(steps):
         metrics = training_step(run)

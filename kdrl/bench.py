@@ -1,7 +1,9 @@
 """Method comparison on one budget: train each preset over several seeds from the same student,
-then tabulate held-out avg@k / pass@k, response length, wall time and steps to a target accuracy.
+then tabulate held-out avg@k / pass@k, chain correctness, response length, wall time and steps to
+a target accuracy, and for given method pairs the paired difference with a 95% bootstrap interval
+over problems and seeds (from each run's per-problem results, eval_after_problems.json).
 
-    kdrl bench --methods grpo kdrl kd_rkl --seeds 3 --out benchmarks/results/methods
+    kdrl bench --methods grpo kdrl kd_rkl --seeds 3 --pairs kdrl:kd_rkl kdrl:grpo --out benchmarks/results/methods
 
 Every method gets the same prompts per step, rollouts per prompt, steps and evaluation; only the
 recipe's objective section differs (plus per-method overrides given with --method-override).
@@ -14,15 +16,28 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from kdrl.config import load_config
+from kdrl.config import ConfigError, load_config
+from kdrl.evaluate import EVAL_PROBLEMS_FILE, paired_bootstrap
 from kdrl.logger import read_metrics
+
+# the key comparisons of issue 16 (A − B), used when --pairs is not given and both methods ran
+DEFAULT_PAIRS = [("kdrl", "kd_rkl"), ("kdrl", "grpo"), ("kd_then_rl", "kdrl")]
+PAIRED_METRICS = {"accuracy": "correct", "chain_correct": "chain_correct"}  # table name -> per-problem key
+BOOTSTRAP_REPLICATES, BOOTSTRAP_SEED = 10_000, 0
 
 
 def run_benchmark(methods: list[str], seeds: list[int], out_dir: Path, overrides: list[str],
                   method_overrides: dict[str, list[str]], target_accuracy: float, command: str,
-                  recipes_dir: Path = Path("recipes"), jobs: int = 1) -> dict:
+                  recipes_dir: Path = Path("recipes"), jobs: int = 1,
+                  method_pairs: Optional[list[tuple[str, str]]] = None) -> dict:
     """Train every (method, seed) pair; ``jobs`` > 1 runs that many at once in separate processes
-    (each run's own wall time then includes the sharing of the machine: say so when reporting)."""
+    (each run's own wall time then includes the sharing of the machine: say so when reporting).
+    ``method_pairs``: (A, B) compared problem by problem (default: DEFAULT_PAIRS among ``methods``)."""
+    if method_pairs is None:
+        method_pairs = [pair for pair in DEFAULT_PAIRS if set(pair) <= set(methods)]
+    missing = sorted({m for pair in method_pairs for m in pair} - set(methods))
+    if missing:
+        raise ConfigError(f"--pairs names {', '.join(missing)}, not among --methods")
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     pairs = [(method, seed) for method in methods for seed in seeds]
@@ -51,7 +66,8 @@ def run_benchmark(methods: list[str], seeds: list[int], out_dir: Path, overrides
         runs.setdefault(method, []).append(summary)
     results = {"methods": methods, "seeds": seeds, "target_accuracy": target_accuracy, "command": command,
                "overrides": overrides, "method_overrides": method_overrides, "jobs": jobs,
-               "total_seconds": time.perf_counter() - started, "rows": table_rows(runs, target_accuracy)}
+               "total_seconds": time.perf_counter() - started, "rows": table_rows(runs, target_accuracy),
+               "pairs": paired_rows(out_dir, method_pairs, seeds)}
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     (out_dir / "table.md").write_text(markdown(results) + "\n")
     plot_curves(runs, out_dir / "curves.png")
@@ -95,7 +111,7 @@ def table_rows(runs: dict[str, list[dict]], target: float) -> list[dict]:
             # avg@k, pass@k at the largest k (pass@1 is avg@k again), maj@k, mean response length
             keys = sorted({k.split("/", 1)[1] for s in summaries for k in s["after"]
                            if k in (f"{name}/accuracy", f"{name}/pass@{samples}", f"{name}/maj@{samples}",
-                                    f"{name}/response_length")})
+                                    f"{name}/chain_correct", f"{name}/response_length")})
             for key in keys:
                 row[f"{name}/{key}"] = _mean_std([s["after"][f"{name}/{key}"] for s in summaries
                                                   if f"{name}/{key}" in s["after"]])
@@ -104,7 +120,8 @@ def table_rows(runs: dict[str, list[dict]], target: float) -> list[dict]:
                                               [r for r in reached])
         row["wall_seconds"] = _mean_std([s.get("wall_seconds", s.get("train_seconds", 0.0)) for s in summaries])
         before = summaries[0].get("before") or {}
-        row["before"] = {k: v for k, v in before.items() if k.endswith("/accuracy") or k.endswith("response_length")}
+        row["before"] = {k: v for k, v in before.items()
+                         if k.endswith(("/accuracy", "/chain_correct", "response_length"))}
         rows.append(row)
     return rows
 
@@ -142,7 +159,58 @@ def markdown(results: dict) -> str:
                   f"problem. Command: `{results['command']}`. This invocation: {results['total_seconds'] / 60:.1f} "
                   f"min with {results['jobs']} run(s) at once; the runs' own wall times sum to {run_minutes:.1f} min "
                   "(finished runs found in the output directory are read back, not retrained)."]
+    if results.get("pairs"):
+        lines += ["", pairs_markdown(results["pairs"])]
     return "\n".join(lines)
+
+
+def per_problem(out_dir: Path, method: str, seed: int) -> dict[str, list[dict]]:
+    path = run_dir(out_dir, method, seed) / EVAL_PROBLEMS_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def paired_table(a: dict[int, list[dict]], b: dict[int, list[dict]], key: str) -> list[list[float]]:
+    """d[s][p] = A's minus B's mean score on problem p in seed s, over the problems every seed of
+    both methods scored (matched by id, in A's first seed's order)."""
+    def scores(records: list[dict]) -> dict[str, float]:
+        return {r["id"]: statistics.fmean(r[key]) for r in records if r.get(key)}
+
+    a_scores = {seed: scores(records) for seed, records in a.items()}
+    b_scores = {seed: scores(records) for seed, records in b.items()}
+    seeds = sorted(set(a_scores) & set(b_scores))
+    if not seeds:
+        return []
+    ids = [i for i in a_scores[seeds[0]] if all(i in a_scores[s] and i in b_scores[s] for s in seeds)]
+    return [[a_scores[s][i] - b_scores[s][i] for i in ids] for s in seeds] if ids else []
+
+
+def paired_rows(out_dir: Path, pairs: list[tuple[str, str]], seeds: list[int]) -> list[dict]:
+    """One row per (pair, eval set, metric): the mean difference A − B and its 95% interval."""
+    rows = []
+    for a, b in pairs:
+        records = {m: {s: per_problem(out_dir, m, s) for s in seeds} for m in (a, b)}
+        sets = sorted({name for by_seed in records.values() for sets in by_seed.values() for name in sets})
+        for name in sets:
+            for metric, key in PAIRED_METRICS.items():
+                table = paired_table({s: r.get(name, []) for s, r in records[a].items()},
+                                     {s: r.get(name, []) for s, r in records[b].items()}, key)
+                if not table:
+                    continue
+                mean, low, high = paired_bootstrap(table, BOOTSTRAP_REPLICATES, BOOTSTRAP_SEED)
+                rows.append({"a": a, "b": b, "set": name, "metric": metric, "difference": mean, "low": low,
+                             "high": high, "seeds": len(table), "problems": len(table[0])})
+    return rows
+
+
+def pairs_markdown(rows: list[dict]) -> str:
+    lines = ["| A − B | set | metric | difference | 95% interval | seeds × problems |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['a']} − {r['b']} | {r['set']} | {r['metric']} | {100 * r['difference']:+.1f} | "
+                     f"[{100 * r['low']:+.1f}, {100 * r['high']:+.1f}] | {r['seeds']} × {r['problems']} |")
+    return "\n".join(lines + ["", f"Points (percentage); paired by seed and problem; percentile bootstrap over "
+                                  f"seeds and problems resampled independently ({BOOTSTRAP_REPLICATES} replicates, "
+                                  f"resampling seed {BOOTSTRAP_SEED}). An interval that contains 0 does not tell "
+                                  "the two methods apart."])
 
 
 def plot_curves(runs: dict[str, list[dict]], path: Path) -> None:

@@ -7,6 +7,8 @@ scheduler, step, data order and every random generator state.
 """
 from __future__ import annotations
 
+import copy
+import errno
 import os
 import random
 import shutil
@@ -16,6 +18,8 @@ from typing import Any, Optional
 
 import torch
 
+from kdrl.models import unwrap
+
 COMPLETE_MARKER = "COMPLETE"
 STATE_FILE = "trainer_state.pt"
 TEMP_PREFIX = ".tmp-step-"  # a save in progress (or killed mid-way)
@@ -24,6 +28,24 @@ RETIRED_PREFIX = ".old-step-"  # the previous copy of a step being re-saved
 
 class CheckpointError(ValueError):
     pass
+
+
+# errno values that mean "this file system takes no more": full, over quota, over the file-size limit
+DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_DISK_FULL_WORDS = ("no space left", "file too large", "quota exceeded", "os error 28", "os error 27",
+                    "os error 122", "file write failed")  # safetensors and torch.save wrap the OSError
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether ``error`` (an OSError, or a library's wrapper of one) says the disk took no more."""
+    if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:
+        return True
+    return any(words in str(error).lower() for words in _DISK_FULL_WORDS)
+
+
+def disk_full_message(where: Path, error: BaseException) -> str:
+    return (f"{where}: the disk is full (or a file-size limit, ulimit -f, was reached): "
+            f"{str(error).splitlines()[0] if str(error) else type(error).__name__}")
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -50,12 +72,8 @@ def save_model(model: torch.nn.Module, tokenizer: Any, path: Path,
                state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
     """Hugging Face format; a LoRA student is saved merged, plus its adapter. ``state_dict``: the
     full weights gathered from several processes (kdrl.distributed), saved in place of the module's."""
-    from kdrl.models import unwrap
-
     if hasattr(model, "merge_and_unload") and hasattr(model, "peft_config"):
         model.save_pretrained(str(path / "adapter"))
-        import copy
-
         merged = copy.deepcopy(model).merge_and_unload()
         merged.save_pretrained(str(path), safe_serialization=True)
     else:
@@ -85,13 +103,21 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, tokenizer:
     temporary = root / f"{TEMP_PREFIX}{step:08d}-{os.getpid()}"
     if temporary.exists():
         shutil.rmtree(temporary)
-    temporary.mkdir()
-    save_model(model, tokenizer, temporary, state_dict=state_dict)
-    torch.save(state, temporary / STATE_FILE)
-    _fsync_tree(temporary)
-    (temporary / COMPLETE_MARKER).write_text(str(step))  # written last: its presence means complete
-    _fsync(temporary / COMPLETE_MARKER)
-    _fsync(temporary)
+    try:
+        temporary.mkdir()
+        save_model(model, tokenizer, temporary, state_dict=state_dict)
+        torch.save(state, temporary / STATE_FILE)
+        _fsync_tree(temporary)
+        (temporary / COMPLETE_MARKER).write_text(str(step))  # written last: its presence means complete
+        _fsync(temporary / COMPLETE_MARKER)
+        _fsync(temporary)
+    except Exception as error:
+        shutil.rmtree(temporary, ignore_errors=True)  # give the space back; earlier checkpoints are untouched
+        if not is_disk_full(error):
+            raise
+        previous = latest_checkpoint(run_dir)
+        kept = f"; {previous.name} is complete and --resume continues from it" if previous else ""
+        raise CheckpointError(disk_full_message(final, error) + kept) from None
     if final.exists():  # re-saving a step: retire the old copy by rename, never delete it first
         retired = root / f"{RETIRED_PREFIX}{step:08d}-{os.getpid()}"
         if retired.exists():

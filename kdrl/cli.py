@@ -6,17 +6,19 @@ stderr and exit status 2; no traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from pathlib import Path
 from typing import Optional
 
-from kdrl.checkpoint import CheckpointError
+from kdrl.checkpoint import CheckpointError, disk_full_message, is_disk_full
 from kdrl.config import ConfigError, load_config
 from kdrl.data import DataError
 from kdrl.models import ModelError
+from kdrl.rewards import RewardError
 
-USER_ERRORS = (ConfigError, DataError, ModelError, CheckpointError)
+USER_ERRORS = (ConfigError, DataError, ModelError, CheckpointError, RewardError)
 REPO_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
 
@@ -25,8 +27,8 @@ def resolve_recipe(name: Optional[str]) -> Optional[Path]:
     if name is None:
         return None
     path = Path(name)
-    if path.is_file():
-        return path
+    if path.is_file() or (path.is_symlink() or path.exists()) and not path.is_dir():
+        return path  # a FIFO or a symlink loop too: load_config says what it is
     for folder in (Path("recipes"), REPO_RECIPES):
         candidate = folder / f"{name.removesuffix('.yaml')}.yaml"
         if candidate.is_file():
@@ -60,11 +62,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_cache_teacher(args: argparse.Namespace) -> int:
-    from kdrl.methods.teacher_cache import build_teacher_cache
+    from kdrl.teachers.cache import build_teacher_cache
 
     config = load_config(resolve_recipe(args.recipe), args.overrides)
     if args.out:
         config.teacher_cache.path = args.out
+    out = Path(config.teacher_cache.path) if config.teacher_cache.path else None
+    if out is not None and (out.is_symlink() or out.exists()) and not out.is_dir():  # before any sampling
+        raise ConfigError(f"--out {out}: exists and is not a directory; give a new or a cache directory")
     folder = build_teacher_cache(config)
     print(f"kdrl: teacher cache of {config.teacher_cache.num_prompts} prompts x {config.rollout.group_size} "
           f"responses written to {folder}; train with teacher_cache.path={folder}", flush=True)
@@ -74,14 +79,12 @@ def cmd_cache_teacher(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from kdrl.data import load_problems
+    from kdrl.config import Config, ModelConfig
+    from kdrl.data import load_problems, make_encoder
     from kdrl.evaluate import evaluate_problems, markdown_table
-    from kdrl.config import ModelConfig
-    from kdrl.models import load_model, load_tokenizer, pick_device
-    from kdrl.rewards import combine_rewards
+    from kdrl.models import load_model, load_tokenizer, pick_device, set_cpu_threads
+    from kdrl.rewards import combine_rewards, parse_reward_specs
     from kdrl.rollout import make_engine
-    from kdrl.trainer import make_encoder, parse_reward_specs, set_cpu_threads
-    from kdrl.config import Config
 
     torch.manual_seed(args.seed)
     device = pick_device(args.device)
@@ -90,6 +93,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     reward_fn = combine_rewards(parse_reward_specs(args.reward), args.timeout)
     sets = {Path(spec.split(":")[-1]).stem: load_problems(spec, limit=args.limit) for spec in args.data}
     results: dict[str, dict] = {}
+    problems_out: dict[str, dict] = {}  # per problem and sample, for paired comparisons
     for spec in args.model:
         label, _, path = spec.rpartition("=") if "=" in spec else (spec, "", spec)
         tokenizer = load_tokenizer(path)
@@ -98,13 +102,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         encode = make_encoder(tokenizer, config, 10 ** 9)
         engine = make_engine("hf", model=model, tokenizer=tokenizer, encode=encode,
                              generation_batch_size=args.batch_size)
-        results[label] = {}
+        results[label], problems_out[label] = {}, {}
         for name, problems in sets.items():
             torch.manual_seed(args.seed)  # same samples for every model: deterministic for a seed
             results[label][name] = evaluate_problems(engine, problems, reward_fn, samples=args.samples,
                                                      temperature=args.temperature, top_p=args.top_p,
                                                      max_new_tokens=args.max_new_tokens,
-                                                     batch_size=args.batch_size)
+                                                     batch_size=args.batch_size,
+                                                     details=problems_out[label].setdefault(name, []))
     table = markdown_table(results)
     print(table)
     if args.out:
@@ -112,6 +117,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=2))
         out.with_suffix(".md").write_text(table + "\n")
+        out.with_name(out.stem + "_problems.json").write_text(json.dumps(problems_out))
     return 0
 
 
@@ -132,12 +138,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
         method, _, override = item.partition(":")
         method_overrides.setdefault(method, []).append(override)
     command = "kdrl bench " + " ".join(shlex.quote(a) for a in args.argv)
+    pairs = None if args.pairs is None else [parse_pair(item) for item in args.pairs]
     results = run_benchmark(args.methods, list(range(args.seeds)), Path(args.out), args.overrides,
-                            method_overrides, args.target, command, jobs=args.jobs)
+                            method_overrides, args.target, command, jobs=args.jobs, method_pairs=pairs)
     from kdrl.bench import markdown
 
     print(markdown(results))
     return 0
+
+
+def parse_pair(item: str) -> tuple[str, str]:
+    a, sep, b = item.partition(":")
+    if not sep or not a or not b:
+        raise ConfigError(f"--pairs: '{item}' must look like A:B (e.g. kdrl:kd_rkl, reported as A - B)")
+    return a, b
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
@@ -185,11 +199,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="compare methods on one budget over several seeds")
     bench.add_argument("--methods", nargs="+", default=["sft", "grpo", "kd_rkl", "opd", "kdrl", "kdrl_anneal",
-                                                        "kdrl_mask"])
+                                                        "kdrl_mask", "kd_then_rl", "kdrl_auto"])
     bench.add_argument("--seeds", type=int, default=3)
     bench.add_argument("--target", type=float, default=0.5, help="accuracy for 'steps to reach'")
     bench.add_argument("--out", default="benchmarks/results/methods")
     bench.add_argument("--jobs", type=int, default=1, help="runs trained at once, each in its own process")
+    bench.add_argument("--pairs", nargs="+", default=None, metavar="A:B",
+                       help="paired differences A - B with a 95%% bootstrap interval over problems and seeds "
+                            "(default: kdrl:kd_rkl kdrl:grpo kd_then_rl:kdrl, those among --methods)")
     bench.add_argument("--method-override", action="append", default=[], metavar="METHOD:KEY=VALUE",
                        help="an override for one method only (e.g. kdrl:objective.beta.initial=0.01)")
     bench.add_argument("overrides", nargs="*", help="key=value overrides applied to every method")
@@ -214,7 +231,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
         argv = ["train"]
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value overrides after an option (`cache-teacher RECIPE --out DIR k=v`) are overrides too
+        if hasattr(args, "overrides") and all("=" in token and not token.startswith("-") for token in extra):
+            args.overrides = list(args.overrides) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.argv = argv[1:]
     if args.command is None:
         parser.print_help()
@@ -227,6 +249,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     except USER_ERRORS as error:
         print(f"kdrl: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # the environment, not kdrl: a full disk, a read-only or missing directory
+        if is_disk_full(error):
+            print(f"kdrl: error: {disk_full_message(Path(error.filename or '.'), error)}", file=sys.stderr)
+            return 2
+        if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.EEXIST,
+                           errno.ELOOP, errno.ENAMETOOLONG):
+            print(f"kdrl: error: {error.filename or 'a file'}: {error.strerror}", file=sys.stderr)
+            return 2
+        raise
     except KeyboardInterrupt:
         print("kdrl: interrupted", file=sys.stderr)
         return 130

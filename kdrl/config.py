@@ -10,20 +10,15 @@ use dotted paths (``objective.beta.initial=0.01``). An unknown key or a bad valu
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Literal, Optional
 
 import yaml
 
+from kdrl.config_io import ConfigError, apply_override, build, read_recipe
+
 BUNDLED = "bundled"  # prefix naming the shipped demo assets, e.g. "bundled:student"
-
-
-class ConfigError(ValueError):
-    """A user mistake in a recipe or an override; the message names the key."""
 
 
 @dataclass
@@ -101,16 +96,36 @@ class SelfTeacherConfig:
 
 
 @dataclass
-class BetaConfig:
-    """KD coefficient schedule (METHODS.md §5): constant, linear decay to a floor, cosine."""
+class BetaControllerConfig:
+    """beta.schedule=adaptive (kdrl_auto, METHODS.md §6): β follows the measured per-token reverse
+    KL to the teacher (kdrl.objective.controllers): up while the student is further than ``target``
+    nats/token from the teacher, down while it is closer, by at most gain x error_clip per update."""
 
-    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    rule: Literal["kl_target"] = "kl_target"
+    # the KL(pi_theta || pi_T) to hold, in nats/token; None: target_fraction x the first update's KL, so
+    # the target follows the task's scale (assumption: 0.7; the bundled student's KL fell from 0.67 to
+    # about 0.42 in 90 steps of kdrl at beta 1, and to about 0.40 at beta 5)
+    target: Optional[float] = None
+    target_fraction: float = 0.7
+    gain: float = 0.2  # K: relative change of beta per unit of (clipped) proportional error
+    error_clip: float = 0.2  # PPO's clip of the proportional error (Ziegler et al. 2019)
+    min: float = 0.05  # bounds of beta
+    max: float = 5.0
+
+
+@dataclass
+class BetaConfig:
+    """KD coefficient schedule (METHODS.md §5): constant, linear decay to a floor, cosine, or
+    adaptive (chosen each step by a controller, ``controller``)."""
+
+    schedule: Literal["constant", "linear", "cosine", "adaptive"] = "constant"
     # Task-scaled (assumption for the bundled task): the sampled KL here is ~1 nat/token, three
     # orders of magnitude above the paper's LLM setting, so the paper's 2e-3 makes KD negligible.
     initial: float = 1.0
     final: float = 0.5  # floor of linear, end of cosine
     decay_per_step: float = 0.01  # linear: beta_t = max(initial - decay_per_step * t, final)
     cosine_steps: Optional[int] = None  # cosine period; default: train.steps
+    controller: BetaControllerConfig = field(default_factory=BetaControllerConfig)  # adaptive only
 
 
 @dataclass
@@ -137,6 +152,12 @@ class ObjectiveConfig:
     offpolicy_pg: Literal["none", "shaped"] = "none"
     offpolicy_shaping_gamma: float = 0.1  # γ of the shaping f(p) = p/(p + γ)
     beta: BetaConfig = field(default_factory=BetaConfig)
+    # coefficient phases over the run (objective.schedules.PHASES): "joint" = beta_t and pg_coef at every
+    # step; "kd_then_rl" = distillation alone before the switch step S (pg_coef_t = 0), then RL alone
+    # (beta_t = 0): sequential OPD-then-GRPO (arXiv 2609.04108, METHODS.md §6 kd_then_rl)
+    phases: Literal["joint", "kd_then_rl"] = "joint"
+    switch_fraction: float = 0.5  # S = round(switch_fraction * train.steps) (assumption: half the run)
+    switch_step: Optional[int] = None  # S as a step number; overrides switch_fraction
     # exopd (G-OPD, METHODS.md §6): lambda in the advantage lambda(tau - ref) - (s_old - ref); 1 is OPD
     kd_reward_scale: float = 1.0
     # rlad: the PG ratio's denominator pi_old^alpha * pi_T^(1-alpha) (METHODS.md §6); 1 is GRPO's ratio
@@ -272,124 +293,24 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
-# --------------------------------------------------------------------------- loading
-
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+K1_IN_LOSS = ("k1 in the loss has a zero-mean gradient (E[grad log pi] = 0), so it teaches nothing; "
+              "use k2 (reverse KL) or k3 in the loss, or k1 with objective.kd_placement=advantage")
 
 
-def _closest(name: str, options: list[str]) -> str:
-    match = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
-    return f" (did you mean '{match[0]}'?)" if match else f" (valid: {', '.join(sorted(options))})"
-
-
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """Check ``value`` against the type hint ``hint``; parse strings from the command line."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
-            if type(None) in args:
-                return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as error:
-                errors.append(str(error))
-        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, args))}"
-                              + (_closest(str(value), [str(a) for a in args]) if isinstance(value, str) else ""))
-        return value
-    if origin is list:
-        if isinstance(value, str):
-            parsed = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
-            value = parsed
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else value
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    if hint is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(float(value)) if float(value).is_integer() else int(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if hint is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if hint is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
-    if dataclasses.is_dataclass(hint):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping of {', '.join(f.name for f in dataclasses.fields(hint))}")
-        return _build(hint, value, key + ".")
-    return value
-
-
-def _build(cls: type, values: dict, prefix: str = "", base: Any = None) -> Any:
-    """Instantiate dataclass ``cls`` from a (possibly partial) mapping over ``base``."""
-    obj = base if base is not None else cls()
-    hints = _hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for name, value in values.items():
-        if name not in names:
-            raise ConfigError(f"unknown key '{prefix}{name}'{_closest(name, names)}")
-        hint = hints[name]
-        current = getattr(obj, name)
-        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
-            setattr(obj, name, _build(hint, value, f"{prefix}{name}.", base=current))
-        else:
-            setattr(obj, name, _coerce(value, hint, f"{prefix}{name}"))
-    return obj
-
-
-def apply_override(config: Config, override: str) -> None:
-    """Apply one ``dotted.key=value`` override in place."""
-    if "=" not in override:
-        raise ConfigError(f"override '{override}' must look like key=value (e.g. train.steps=10)")
-    key, raw = override.split("=", 1)
-    parts = key.strip().split(".")
-    obj, cls, prefix = config, Config, ""
-    for part in parts[:-1]:
-        names = [f.name for f in dataclasses.fields(cls)]
-        if part not in names:
-            raise ConfigError(f"unknown key '{prefix}{part}'{_closest(part, names)}")
-        obj, cls, prefix = getattr(obj, part), _hints(cls)[part], prefix + part + "."
-        if not dataclasses.is_dataclass(cls):
-            raise ConfigError(f"'{prefix.rstrip('.')}' is not a section")
-    value = yaml.safe_load(raw) if raw.strip() else ""
-    if isinstance(value, (dict, list)) is False and isinstance(value, str) is False and value is not None:
-        pass
-    if value is None and raw.strip().lower() not in ("null", "none", "~"):
-        value = raw
-    _build(cls, {parts[-1]: value}, prefix, base=obj)
+def objective_errors(objective: ObjectiveConfig) -> list[tuple[str, str]]:
+    """(key, message) of each rule of the objective's own settings that is broken: checked once,
+    here, by ``validate`` when a config is loaded and by ``Objective`` when one is built directly."""
+    o = objective
+    rules = [
+        (o.kd_placement == "loss" and o.kd_estimator == "k1", "objective.kd_estimator", K1_IN_LOSS),
+        (o.ref_kl_coef != 0 and o.ref_kl_estimator == "k1", "objective.ref_kl_estimator", K1_IN_LOSS),
+        (o.kd_placement == "advantage" and o.kd_estimator != "k1", "objective.kd_estimator",
+         "the advantage placement uses the sampled log-ratio k1 (METHODS.md §3)"),
+        (o.kd_placement == "loss" and o.kd_estimator == "jsd" and o.jsd_beta in (0.0, 1.0), "objective.jsd_beta",
+         f"JSD({o.jsd_beta:g}) is identically 0; use kd_estimator={'fkl' if o.jsd_beta == 0 else 'rkl'} for "
+         "that limit"),
+    ]
+    return [(key, message) for broken, key, message in rules if broken]
 
 
 def validate(config: Config) -> Config:
@@ -405,15 +326,27 @@ def validate(config: Config) -> Config:
         (config.objective.beta.initial >= 0.0, "objective.beta.initial", "must not be negative"),
         (config.objective.beta.final >= 0.0, "objective.beta.final", "must not be negative"),
         (config.objective.beta.decay_per_step >= 0.0, "objective.beta.decay_per_step", "must not be negative"),
+        (config.objective.beta.controller.target is None or config.objective.beta.controller.target > 0.0,
+         "objective.beta.controller.target", "must be positive (or null: target_fraction of the first KL)"),
+        (config.objective.beta.controller.target_fraction > 0.0, "objective.beta.controller.target_fraction",
+         "must be positive"),
+        (config.objective.beta.controller.gain > 0.0, "objective.beta.controller.gain", "must be positive"),
+        (0.0 < config.objective.beta.controller.error_clip < 1.0 / config.objective.beta.controller.gain,
+         "objective.beta.controller.error_clip", "must lie in (0, 1/gain): beta must stay positive"),
+        (0.0 < config.objective.beta.controller.min <= config.objective.beta.controller.max,
+         "objective.beta.controller.min", "must lie in (0, objective.beta.controller.max]"),
+        (config.objective.beta.schedule != "adaptive" or config.objective.kd_placement != "none",
+         "objective.beta.schedule", "adaptive controls the KD coefficient, but objective.kd_placement=none"),
+        (0.0 <= config.objective.switch_fraction <= 1.0, "objective.switch_fraction", "must lie in [0, 1]"),
+        (config.objective.switch_step is None or config.objective.switch_step >= 0, "objective.switch_step",
+         "must not be negative"),
+        (config.objective.phases != "kd_then_rl" or config.objective.kd_placement == "loss", "objective.phases",
+         "kd_then_rl switches the PG term off before the switch step, which would also switch off KD carried "
+         "by the advantage; set objective.kd_placement=loss"),
         (config.objective.clip_eps_low >= 0.0 and config.objective.clip_eps_low < 1.0, "objective.clip_eps_low",
          "must lie in [0, 1)"),
         (config.objective.clip_eps_high >= 0.0, "objective.clip_eps_high", "must not be negative"),
-        (not (config.objective.kd_placement == "loss" and config.objective.kd_estimator == "k1"),
-         "objective.kd_estimator",
-         "k1 in the loss has a zero-mean gradient (E[grad log pi] = 0), so it teaches nothing; "
-         "use k2 (reverse KL) or k3 in the loss, or k1 with objective.kd_placement=advantage"),
-        (not (config.objective.kd_placement == "advantage" and config.objective.kd_estimator not in ("k1",)),
-         "objective.kd_estimator", "the advantage placement uses the sampled log-ratio k1 (METHODS.md §3)"),
+        *[(False, key, message) for key, message in objective_errors(config.objective)],
         (0.0 <= config.objective.kd_gamma <= 1.0, "objective.kd_gamma", "must lie in [0, 1]"),
         (0.0 <= config.objective.jsd_beta <= 1.0, "objective.jsd_beta", "must lie in [0, 1]"),
         (config.objective.offpolicy_ratio_cap > 0, "objective.offpolicy_ratio_cap", "must be positive"),
@@ -457,6 +390,20 @@ def validate(config: Config) -> Config:
         (config.train.micro_batch_size >= 1, "train.micro_batch_size", "must be at least 1"),
         (config.train.updates_per_batch >= 1, "train.updates_per_batch", "must be at least 1"),
         (config.train.max_grad_norm > 0, "train.max_grad_norm", "must be positive"),
+        (0.0 <= config.train.adam_beta1 < 1.0, "train.adam_beta1", "must lie in [0, 1) (Adam's decay rate)"),
+        (0.0 <= config.train.adam_beta2 < 1.0, "train.adam_beta2", "must lie in [0, 1) (Adam's decay rate)"),
+        (config.train.weight_decay >= 0, "train.weight_decay", "must not be negative"),
+        (0.0 <= config.model.lora.dropout < 1.0, "model.lora.dropout", "must lie in [0, 1)"),
+        (config.model.lora.r >= 1, "model.lora.r", "must be at least 1"),
+        (config.rollout.generation_batch_size >= 1, "rollout.generation_batch_size", "must be at least 1"),
+        (config.eval.batch_size >= 1, "eval.batch_size", "must be at least 1"),
+        (config.eval.max_new_tokens is None or config.eval.max_new_tokens >= 1, "eval.max_new_tokens",
+         "must be at least 1"),
+        (config.objective.beta.cosine_steps is None or config.objective.beta.cosine_steps >= 1,
+         "objective.beta.cosine_steps", "must be at least 1"),
+        (all(route.beta >= 0 for route in config.teachers.routes), "teachers.routes", "beta must not be negative"),
+        (config.objective.nll_coef >= 0, "objective.nll_coef", "must not be negative"),
+        (config.objective.ref_kl_coef >= 0, "objective.ref_kl_coef", "must not be negative"),
         (config.train.max_nonfinite_skips >= 1, "train.max_nonfinite_skips", "must be at least 1"),
         (config.eval.samples >= 1, "eval.samples", "must be at least 1"),
         (config.eval.num_problems >= 1, "eval.num_problems", "must be at least 1"),
@@ -466,30 +413,55 @@ def validate(config: Config) -> Config:
         (config.reward.timeout_s > 0, "reward.timeout_s", "must be positive"),
         (config.data.max_prompt_tokens >= 1, "data.max_prompt_tokens", "must be at least 1"),
     ]
+    _check_no_negative_counts(config)
     for ok, key, message in checks:
         if not ok:
             raise ConfigError(f"{key}: {message}")
+    for key, template, names in [("data.prompt_template", config.data.prompt_template, ("prompt",)),
+                                 ("self_teacher.context", config.self_teacher.context, ("solution", "prompt")),
+                                 ("failed_groups.hint_template", config.failed_groups.hint_template, ("hint",))]:
+        _check_template(key, template, names)
     return config
+
+
+def _check_no_negative_counts(section: object, prefix: str = "") -> None:
+    """Every integer setting is a count, a period or a seed: none means anything negative
+    (``eval.every=-1`` evaluated every step, ``checkpoint.every=-2`` never saved)."""
+    for item in dataclasses.fields(section):
+        value, key = getattr(section, item.name), f"{prefix}{item.name}"
+        if dataclasses.is_dataclass(value):
+            _check_no_negative_counts(value, key + ".")
+        elif isinstance(value, list):
+            for index, element in enumerate(value):
+                if dataclasses.is_dataclass(element):
+                    _check_no_negative_counts(element, f"{key}[{index}].")
+        elif isinstance(value, int) and not isinstance(value, bool) and value < 0:
+            raise ConfigError(f"{key}: must not be negative (got {value})")
+
+
+def _check_template(key: str, template: str, names: tuple[str, ...]) -> None:
+    """A str.format template may name only ``names``; literal braces are written twice."""
+    import string
+
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as error:
+        raise ConfigError(f"{key}: not a valid template ({error}); write a literal brace as {{{{ or }}}}") from None
+    allowed = ", ".join("{" + name + "}" for name in names)
+    for name in fields:
+        if name not in names:
+            raise ConfigError(f"{key}: names {{{name}}}, but only {allowed} can be filled in" if name else
+                              f"{key}: has an empty {{}}; only {allowed} can be filled in")
 
 
 def load_config(recipe: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults <- recipe YAML <- overrides, validated. ``recipe=None`` is the default KDRL run."""
     config = Config()
     if recipe is not None:
-        path = Path(recipe)
-        if not path.is_file():
-            raise ConfigError(f"recipe '{recipe}' not found")
+        values = read_recipe(recipe)
+        values.setdefault("name", Path(recipe).stem)
         try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            mark = getattr(error, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"{recipe}{where}: not valid YAML ({getattr(error, 'problem', error)})") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"{recipe}: a recipe must be a mapping of sections")
-        values.setdefault("name", path.stem)
-        try:
-            config = _build(Config, values)
+            config = build(Config, values)
         except ConfigError as error:
             raise ConfigError(f"{recipe}: {error}") from None
     for override in overrides or []:

@@ -5,9 +5,11 @@ Every row becomes a ``Problem``. A malformed row is a ``DataError`` naming the f
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
+from kdrl.paths import describe_nonregular
 from kdrl.types import Problem
 
 
@@ -16,6 +18,10 @@ class DataError(ValueError):
 
 
 BUNDLED_PREFIX = "bundled:"
+# One problem (a JSONL line, or a row's prompt) longer than this is refused as it is read, before
+# anything parses or tokenizes it: a 50 MB line took 13 GB and no answer in 15 minutes to tokenize.
+# A 32k-token solution is ~130 kB.
+MAX_PROBLEM_BYTES = 1 << 20
 
 
 def bundled_data_dir() -> Path:
@@ -32,8 +38,9 @@ def resolve_data_path(spec: str) -> Path:
             raise DataError(f"{spec}: no bundled split '{split}' (bundled splits: {', '.join(names) or 'none'})")
         return path
     path = Path(spec).expanduser()
-    if not path.exists():
-        raise DataError(f"{spec}: no such file or directory")
+    problem = describe_nonregular(path)
+    if problem:
+        raise DataError(f"{spec}: {problem}")
     return path
 
 
@@ -47,12 +54,23 @@ def _row_to_problem(row: Any, where: str, index: int, fields: dict[str, str]) ->
     prompt, answer = row[fields["prompt"]], row[fields["answer"]]
     if not isinstance(prompt, str) or not prompt.strip():
         raise DataError(f"{where}: field '{fields['prompt']}' must be a non-empty string")
+    if len(prompt) > MAX_PROBLEM_BYTES:
+        raise DataError(f"{where}: field '{fields['prompt']}' has {len(prompt):,} characters, more than the "
+                        f"{MAX_PROBLEM_BYTES:,} a problem may have")
     if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
         raise DataError(f"{where}: field '{fields['answer']}' must be a string or a number")
+    if isinstance(answer, float) and not math.isfinite(answer):
+        raise DataError(f"{where}: field '{fields['answer']}' is {answer}, not a finite number")
+    if isinstance(answer, str) and not answer.strip():
+        raise DataError(f"{where}: field '{fields['answer']}' is empty (every problem needs the answer its "
+                        "rewards check against)")
     solution = row.get(fields["solution"])
     if solution is not None and not isinstance(solution, str):
         raise DataError(f"{where}: field '{fields['solution']}' must be a string")
     known = {fields["prompt"], fields["answer"], fields["solution"], "id", "metadata"}
+    if row.get("metadata") is not None and not isinstance(row["metadata"], dict):
+        raise DataError(f"{where}: field 'metadata' must be an object of named values, got "
+                        f"{type(row['metadata']).__name__}")
     metadata = dict(row.get("metadata") or {})
     metadata.update({k: v for k, v in row.items() if k not in known and v is not None})
     row_id = row.get("id")
@@ -62,7 +80,15 @@ def _row_to_problem(row: Any, where: str, index: int, fields: dict[str, str]) ->
 
 def _lines(path: Path) -> Iterable[tuple[int, str]]:
     with path.open("rb") as handle:
-        for line_number, raw in enumerate(handle, start=1):
+        line_number = 0
+        while True:
+            raw = handle.readline(MAX_PROBLEM_BYTES + 1)  # never more than the limit in memory
+            if not raw:
+                return
+            line_number += 1
+            if len(raw) > MAX_PROBLEM_BYTES:
+                raise DataError(f"{path}:{line_number}: line is longer than {MAX_PROBLEM_BYTES:,} bytes, the most "
+                                "one problem may have")
             try:
                 yield line_number, raw.decode("utf-8-sig" if line_number == 1 else "utf-8")  # a BOM is not data
             except UnicodeDecodeError:
@@ -143,8 +169,13 @@ def load_problems(spec: str, prompt_field: str = "prompt", answer_field: str = "
         raise DataError(f"{spec}: unsupported data format '{suffix}' (use .jsonl, .json, .parquet, "
                         "or a directory saved by datasets)")
     problems: list[Problem] = []
+    first_seen: dict[str, str] = {}  # id -> where: a method that looks rows up by id (ampo) needs them unique
     for where, index, row in rows:
         problem = _row_to_problem(row, where, index, fields)
+        if problem.id in first_seen:
+            raise DataError(f"{where}: duplicate id '{problem.id}' (also at {first_seen[problem.id]}); "
+                            "give every problem its own id")
+        first_seen[problem.id] = where
         if require_solution and not problem.solution:
             needed_by = "" if require_solution is True else f", for {require_solution}"
             raise DataError(f"{where}: field '{solution_field}' is required by this recipe (problem "
@@ -155,6 +186,29 @@ def load_problems(spec: str, prompt_field: str = "prompt", answer_field: str = "
     if not problems:
         raise DataError(f"{spec}: no problems found (the file is empty)")
     return problems
+
+
+def longest_token_chars(tokenizer: Any) -> int:
+    """The most characters one token of ``tokenizer`` can cover (its longest vocabulary entry)."""
+    cached = getattr(tokenizer, "_kdrl_longest_token_chars", None)
+    if cached is None:
+        cached = max((len(token) for token in tokenizer.get_vocab()), default=1)
+        try:
+            tokenizer._kdrl_longest_token_chars = cached
+        except AttributeError:
+            pass
+    return max(cached, 1)
+
+
+def prompt_ids(tokenizer: Any, text: str, max_tokens: int, add_special_tokens: bool) -> tuple[Optional[list[int]], str]:
+    """(ids, size) of ``text``: ids is None when it has more than ``max_tokens`` tokens, and size
+    says how many ("303 tokens"). A text longer than ``max_tokens`` times the longest token
+    must have more tokens than that, so it is refused without being tokenized (size is then
+    its length in characters)."""
+    if len(text) > max_tokens * longest_token_chars(tokenizer):
+        return None, f"{len(text):,} characters"
+    ids = tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+    return (ids if len(ids) <= max_tokens else None), f"{len(ids)} tokens"
 
 
 def format_prompt(problem: Problem, tokenizer: Any, chat_template: bool, prompt_template: str = "{prompt}",
@@ -172,6 +226,27 @@ def format_prompt(problem: Problem, tokenizer: Any, chat_template: bool, prompt_
     messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + \
         [{"role": "user", "content": text}]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def make_encoder(tokenizer: Any, config: Any, max_tokens: int) -> Callable[..., list[int]]:
+    """``encode(problem, suffix="") -> prompt token ids`` with the run's templates (``config``: a
+    kdrl.config.Config), memoised; a prompt over ``max_tokens`` is a DataError naming the problem."""
+    cache: dict[tuple[str, str], list[int]] = {}
+
+    def encode(problem: Problem, suffix: str = "") -> list[int]:
+        key = (problem.prompt, suffix)
+        if key not in cache:
+            text = format_prompt(problem, tokenizer, config.data.chat_template, config.data.prompt_template,
+                                 config.data.system_prompt, extra=suffix)
+            ids, size = prompt_ids(tokenizer, text, max_tokens, add_special_tokens=not config.data.chat_template)
+            if ids is None:
+                raise DataError(f"problem '{problem.id}': prompt has {size}, more than the "
+                                f"{max_tokens} allowed (data.max_prompt_tokens, and the model's context "
+                                f"minus rollout.max_new_tokens)")
+            cache[key] = ids
+        return cache[key]
+
+    return encode
 
 
 class PromptSampler:

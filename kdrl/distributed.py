@@ -23,6 +23,9 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from kdrl.config import ConfigError
+from kdrl.models import pick_device, unwrap
+
 HIDDEN_METHOD = "kdrl_decoder_forward"  # the decoder without the output projection, run under FSDP's hooks
 
 
@@ -48,6 +51,11 @@ class Distributed:
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
         return out
 
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` holds on some rank: one decision, taken together, for
+        code that must make the same collective calls on every rank."""
+        return bool(self.all_reduce_sum(torch.tensor(float(flag))) > 0)
+
     def share(self, count: int) -> slice:
         """This rank's contiguous share of ``count`` items; ``count`` must divide evenly."""
         if count % self.world_size:
@@ -72,8 +80,6 @@ def init_distributed(device_name: str = "auto") -> tuple[Distributed, torch.devi
     """Join the process group torchrun describes (``WORLD_SIZE`` > 1); gloo on CPU, nccl on GPU."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
-        from kdrl.models import pick_device
-
         return Distributed(), pick_device(device_name)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
@@ -93,20 +99,6 @@ def close_distributed() -> None:
         dist.destroy_process_group()
 
 
-class QuietLogger:
-    """The logger of ranks other than 0: rank 0 alone writes metrics, samples and progress."""
-
-    def log(self, *args: Any, **kwargs: Any) -> None: ...
-
-    def advance(self, *args: Any, **kwargs: Any) -> None: ...
-
-    def samples(self, *args: Any, **kwargs: Any) -> None: ...
-
-    def write(self, *args: Any, **kwargs: Any) -> None: ...
-
-    def close(self) -> None: ...
-
-
 # ----------------------------------------------------------------------------- FSDP2
 
 
@@ -121,11 +113,7 @@ def shard_model(model: torch.nn.Module, info: Distributed) -> torch.nn.Module:
         return model
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
-    from kdrl.models import unwrap
-
     if hasattr(model, "peft_config"):
-        from kdrl.config import ConfigError
-
         raise ConfigError("model.lora.enabled: LoRA with several processes is not supported yet (FSDP2 + peft); "
                           "run it in one process")
     inner = unwrap(model)
@@ -143,8 +131,6 @@ def shard_model(model: torch.nn.Module, info: Distributed) -> torch.nn.Module:
 
 
 def _decoder_forward(self: torch.nn.Module, **kwargs: Any) -> Any:
-    from kdrl.models import unwrap
-
     return unwrap(self).base_model(**kwargs)
 
 
@@ -223,15 +209,18 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
 
 # ----------------------------------------------------------------------------- metrics
 
-SUMMED_PREFIXES = ("loss", "pg_loss", "kd_loss", "kd_value", "nll", "entropy", "clip_fraction", "ratio_mean",
-                   "logprob_gap", "kl_sampled", "ref_kl")  # shares of one global weighted mean
-MAX_PREFIXES = ("time_",)
+class SumOverRanks(float):
+    """A metric each rank holds a share of (an objective term: its share of one global weighted
+    mean; tokens per second: its own tokens over its own time): reduced by sum."""
+
+
+class MaxOverRanks(float):
+    """A metric where the slowest rank sets the pace (a phase's wall time): reduced by max."""
 
 
 def reduce_metrics(metrics: dict[str, Any], info: Distributed) -> dict[str, Any]:
-    """Rank metrics -> run metrics: objective terms summed (each rank holds its share of a
-    global mean), times maximised (the slowest rank sets the pace), the rest averaged (per-rank
-    means over equal shares). Non-numeric values are rank 0's."""
+    """Rank metrics -> run metrics, each by the reduction it carries (SumOverRanks, MaxOverRanks);
+    plain numbers are averaged (per-rank means over equal shares). Non-numeric values are rank 0's."""
     if not info.enabled:
         return metrics
     keys = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
@@ -242,12 +231,10 @@ def reduce_metrics(metrics: dict[str, Any], info: Distributed) -> dict[str, Any]
     dist.all_reduce(maxed, op=dist.ReduceOp.MAX)
     out = dict(metrics)
     for i, key in enumerate(keys):
-        if key in SUMMED_PREFIXES:
+        if isinstance(metrics[key], SumOverRanks):
             out[key] = float(summed[i])
-        elif key.startswith(MAX_PREFIXES):
+        elif isinstance(metrics[key], MaxOverRanks):
             out[key] = float(maxed[i])
-        elif key == "tokens_per_second":
-            out[key] = float(summed[i])  # every rank's tokens, each over its own time
         else:
             out[key] = float(summed[i]) / info.world_size
     return out

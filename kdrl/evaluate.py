@@ -1,4 +1,5 @@
-"""Held-out evaluation: greedy accuracy, avg@k, unbiased pass@k, maj@k, response length, per set."""
+"""Held-out evaluation: greedy accuracy, avg@k, unbiased pass@k, maj@k, the task's process metric
+(chain_correct), response length, per set; per-problem results for paired comparisons."""
 from __future__ import annotations
 
 import math
@@ -10,7 +11,12 @@ import torch
 
 from kdrl.rewards import extract_last_boxed
 from kdrl.rollout import SamplingParams
+from kdrl.tasks import process_metric
 from kdrl.types import Problem
+
+# a run's per-problem results of its final evaluation: {set: [{"id", "correct": [0/1 per sample],
+# "chain_correct": [...] where the task has a process metric}]}, read by kdrl bench's paired comparison
+EVAL_PROBLEMS_FILE = "eval_after_problems.json"
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -35,10 +41,18 @@ def majority_answer(answers: list[Optional[str]]) -> Optional[str]:
 @torch.no_grad()
 def evaluate_problems(engine: Any, problems: list[Problem], reward_fn: Callable[[Problem, str], float],
                       samples: int = 1, temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: int = 64,
-                      correct_threshold: float = 1.0, batch_size: int = 256) -> dict[str, float]:
-    """One problem set: k samples per problem (k = 1 and temperature 0 is greedy accuracy)."""
+                      correct_threshold: float = 1.0, batch_size: int = 256,
+                      details: Optional[list[dict]] = None) -> dict[str, float]:
+    """One problem set: k samples per problem (k = 1 and temperature 0 is greedy accuracy).
+
+    ``chain_correct`` (avg over samples and problems) is reported when the set's problems belong
+    to a task with a process metric (kdrl.tasks.process_metric), over those problems. ``details``,
+    if given, receives one record per problem: its id and, per sample, whether the answer (and
+    the chain) was right, so that two runs can be compared problem by problem (kdrl.bench).
+    """
     sampling = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
     per_problem_correct: list[list[bool]] = []
+    per_problem_chain: list[list[bool]] = []
     majority_correct: list[bool] = []
     lengths: list[float] = []
     truncated = 0
@@ -52,6 +66,13 @@ def evaluate_problems(engine: Any, problems: list[Problem], reward_fn: Callable[
             texts = rollouts.response_texts[index * samples:(index + 1) * samples]
             correct = [reward_fn(problem, text) >= correct_threshold for text in texts]
             per_problem_correct.append(correct)
+            metric = process_metric(problem)
+            chain = None if metric is None else [bool(metric(problem, text)) for text in texts]
+            if chain is not None:
+                per_problem_chain.append(chain)
+            if details is not None:
+                details.append({"id": problem.id, "correct": [int(c) for c in correct],
+                                **({} if chain is None else {"chain_correct": [int(c) for c in chain]})})
             answers = [extract_last_boxed(text) for text in texts]
             majority = majority_answer(answers)
             # the majority answer is graded by the same verifier as a single response
@@ -61,6 +82,8 @@ def evaluate_problems(engine: Any, problems: list[Problem], reward_fn: Callable[
     results = {
         "accuracy": statistics.fmean(statistics.fmean(c) for c in per_problem_correct),  # avg@k
         f"pass@{n}": statistics.fmean(pass_at_k(n, sum(c), n) for c in per_problem_correct),
+        **({"chain_correct": statistics.fmean(statistics.fmean(c) for c in per_problem_chain)}
+           if per_problem_chain else {}),
         "response_length": statistics.fmean(lengths),
         "response_length_median": statistics.median(lengths),
         "truncated_fraction": truncated / max(1, len(lengths)),
@@ -95,3 +118,56 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
     return str(value)
+
+
+def summary_table(before: Optional[dict], after: dict, wall: float, steps: int) -> str:
+    """The end-of-run table: accuracy, chain correctness and response length per held-out set,
+    before and after."""
+    sets = sorted({key.split("/")[0] for key in after if key.endswith("/accuracy")})
+    lines = [f"\nkdrl: {steps} steps in {wall:.0f} s", "", "| set | accuracy before | accuracy after | "
+             "chain correct before | chain correct after | length before | length after |",
+             "|---|---|---|---|---|---|---|"]
+    for name in sets:
+        b = before or {}
+        lines.append(f"| {name} | {_pct(b.get(f'{name}/accuracy'))} | {_pct(after.get(f'{name}/accuracy'))} | "
+                     f"{_pct(b.get(f'{name}/chain_correct'))} | {_pct(after.get(f'{name}/chain_correct'))} | "
+                     f"{_num(b.get(f'{name}/response_length'))} | {_num(after.get(f'{name}/response_length'))} |")
+    return "\n".join(lines)
+
+
+def _pct(value: Optional[float]) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _num(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def paired_bootstrap(differences: list[list[float]], replicates: int = 10_000, seed: int = 0,
+                     confidence: float = 0.95) -> tuple[float, float, float]:
+    """Mean paired difference over a seeds × problems table, and its percentile bootstrap interval.
+
+    ``differences[s][p]`` is method A's minus method B's score on problem p in seed s (each the
+    mean over its samples). Seeds and problems are resampled independently, with replacement (a
+    two-way bootstrap: both the training seed and the problem draw are sources of variation);
+    a replicate's mean is Σ_s Σ_p c_s·q_p·d_sp / (S·P) with c, q the multinomial resample counts.
+    ``seed`` fixes the resampling, so the interval is reproducible.
+    """
+    d = torch.tensor(differences, dtype=torch.float64)
+    if d.dim() != 2 or d.numel() == 0:
+        raise ValueError("paired_bootstrap needs a non-empty seeds x problems table")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
+    seeds, problems = d.shape
+    generator = torch.Generator().manual_seed(seed)
+
+    def counts(n: int) -> torch.Tensor:  # [replicates, n]: how often each index was drawn
+        drawn = torch.randint(n, (replicates, n), generator=generator)
+        return torch.zeros(replicates, n, dtype=torch.float64).scatter_add_(1, drawn, torch.ones_like(drawn,
+                                                                                                      dtype=torch.float64))
+
+    seed_counts, problem_counts = counts(seeds), counts(problems)
+    means = ((seed_counts @ d) * problem_counts).sum(1) / (seeds * problems)
+    tail = (1.0 - confidence) / 2
+    low, high = torch.quantile(means, torch.tensor([tail, 1.0 - tail], dtype=torch.float64)).tolist()
+    return float(d.mean()), low, high

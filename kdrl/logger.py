@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -10,6 +11,8 @@ from kdrl.config import LogConfig
 
 
 class MetricsLogger:
+    """``enabled=False`` is the logger of every process but rank 0 (which alone writes): it does nothing."""
+
     def __init__(self, run_dir: Path, config: LogConfig, total_steps: int, initial_step: int = 0,
                  run_config: Optional[dict] = None, enabled: bool = True):
         self.run_dir = run_dir
@@ -85,6 +88,28 @@ def _plain(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)  # JSON has no NaN; keep it visible
     return value
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """On resume, drop records written after the checkpoint so the log reads as one run.
+
+    A line cut short by a kill mid-write is dropped too.
+    """
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        path = run_dir / name
+        if not path.is_file():
+            continue
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+                kept.append(line)
+        temporary = path.with_name(path.name + ".tmp")
+        temporary.write_text("".join(line + "\n" for line in kept))
+        os.replace(temporary, path)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

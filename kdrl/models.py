@@ -6,15 +6,20 @@ recipe sets ``model.trust_remote_code``.
 """
 from __future__ import annotations
 
+import json
 import pickle
+import random
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from kdrl.config import ModelConfig
+from kdrl.config import ConfigError, ModelConfig
+from kdrl.paths import path_problem
 
 BUNDLED_PREFIX = "bundled:"
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 # Token-level terms compare log-probs of the same ids, so the tokenizers must agree on these.
 PROBE_TEXT = "Compute 12+7*3. Step 1: 7*3=21. \\boxed{33}\n"
 
@@ -32,16 +37,93 @@ def resolve_model_path(spec: str) -> Path:
         path = bundled_model_dir(spec[len(BUNDLED_PREFIX):])
     else:
         path = Path(spec).expanduser()
-    if not (path / "config.json").is_file():
+    problem = path_problem(path, "dir")
+    if problem and problem != "no such file or directory":
+        raise ModelError(f"model '{spec}': {problem}")
+    if problem or path_problem(path / "config.json") == "no such file or directory":
         raise ModelError(f"model '{spec}': no config.json in {path.name or spec} "
                          "(give a local directory saved with save_pretrained; nothing is downloaded)")
+    problem = path_problem(path / "config.json")
+    if problem:
+        raise ModelError(f"model '{spec}': its config.json is {problem}")
     return path
 
 
+def read_model_config(spec: str, path: Path) -> dict:
+    """config.json as a mapping; ModelError naming the line when it is not JSON."""
+    try:
+        values = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ModelError(f"model '{spec}': config.json is not UTF-8 text") from None
+    except json.JSONDecodeError as error:
+        raise ModelError(f"model '{spec}': config.json is not valid JSON (line {error.lineno}: {error.msg})") from None
+    if not isinstance(values, dict):
+        raise ModelError(f"model '{spec}': config.json must hold a JSON object")
+    return values
+
+
+def check_model_dir(spec: str, path: Path, trust_remote_code: bool) -> None:
+    """Refuse, before transformers reads it, a directory that cannot be a causal LM kdrl trains:
+    an unknown or encoder architecture, no weights, or only a LoRA adapter."""
+    from transformers import __version__
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES)
+
+    values = read_model_config(spec, path)
+    model_type = values.get("model_type")
+    own_code = trust_remote_code and "AutoModelForCausalLM" in (values.get("auto_map") or {})
+    if not own_code:
+        if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING_NAMES:
+            raise ModelError(f"model '{spec}': config.json has model_type {model_type!r}, which transformers "
+                             f"{__version__} does not know (upgrade transformers, or set model.trust_remote_code="
+                             "true if the checkpoint ships its own code and you trust it)")
+        if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES or model_type in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES:
+            raise ModelError(f"model '{spec}': a '{model_type}' model is an encoder (or encoder-decoder) "
+                             "architecture; kdrl trains decoder-only language models (e.g. qwen2, llama)")
+    if not any((path / name).is_file() for name in WEIGHT_FILES):
+        adapter = (path / "adapter_config.json").is_file()
+        raise ModelError(f"model '{spec}': " + ("holds a LoRA adapter (adapter_config.json), not a model; give "
+                                                "its base model, or merge the adapter into it first" if adapter else
+                                                f"no weights file ({WEIGHT_FILES[0]}) in {path.name}"))
+
+
 def pick_device(name: str = "auto") -> torch.device:
+    """``train.device`` as a torch device; ConfigError for a name torch does not know or a device
+    this machine does not have."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"train.device: '{name}' is not a device (use auto, cpu, cuda, cuda:N or mps)") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"train.device: '{name}', but torch sees no CUDA device here (torch "
+                              f"{torch.__version__}); use train.device=cpu or auto")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"train.device: '{name}', but there are only {count} CUDA devices (cuda:0 to "
+                              f"cuda:{count - 1})")
+    elif device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ConfigError(f"train.device: '{name}', but MPS is not available here; use train.device=cpu or auto")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"train.device: '{name}' is not a device kdrl can train on (use auto, cpu, cuda, "
+                          "cuda:N or mps)")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def set_cpu_threads(threads: int, device: torch.device, model: torch.nn.Module) -> None:
+    """``train.cpu_threads`` (0 = auto: the fastest count on a start-up probe, kdrl.cpu_threads);
+    nothing on an accelerator."""
+    from kdrl.cpu_threads import apply_cpu_threads
+
+    apply_cpu_threads(threads, device, model)
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -61,7 +143,13 @@ def quiet_transformers() -> None:
 def load_tokenizer(spec: str, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(resolve_model_path(spec)), trust_remote_code=trust_remote_code)
+    quiet_transformers()
+    path = resolve_model_path(spec)
+    read_model_config(spec, path)  # AutoTokenizer reads it too, with a traceback when it is not JSON
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelError(f"model '{spec}': no tokenizer in {path.name} (none of {', '.join(TOKENIZER_FILES)}); "
+                         "save it beside the weights with tokenizer.save_pretrained")
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
             raise ModelError(f"tokenizer of '{spec}' has neither a pad nor an EOS token")
@@ -77,10 +165,17 @@ def load_model(spec: str, config: ModelConfig, device: torch.device, trainable: 
 
     quiet_transformers()
     path = resolve_model_path(spec)
+    check_model_dir(spec, path, config.trust_remote_code)
     dtype = pick_dtype(config.dtype, device)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=dtype, trust_remote_code=config.trust_remote_code, use_safetensors=None)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=dtype, trust_remote_code=config.trust_remote_code, use_safetensors=None,
+            output_loading_info=True)
+    except RuntimeError as error:
+        if "ignore_mismatched_sizes" in str(error) or "size mismatch" in str(error):
+            raise ModelError(f"model '{spec}': the weights' shapes do not match config.json (the config and the "
+                             "weights are of different models)") from None
+        raise
     except ValueError as error:
         if "trust_remote_code" in str(error):
             raise ModelError(f"model '{spec}' needs its own code; set model.trust_remote_code=true "
@@ -93,6 +188,11 @@ def load_model(spec: str, config: ModelConfig, device: torch.device, trainable: 
         if type(error).__name__ == "SafetensorError":  # truncated or corrupt weights file
             raise ModelError(f"model '{spec}': unreadable safetensors weights ({error})") from None
         raise
+    missing = [name for name in info.get("missing_keys", []) if name not in _tied_names(model)]
+    if missing:  # transformers would train these from random values, silently
+        raise ModelError(f"model '{spec}': the weights file has no values for {len(missing)} parameters of this "
+                         f"'{model.config.model_type}' model (e.g. '{sorted(missing)[0]}'); config.json and the "
+                         "weights are of different architectures")
     model.to(device)
     if trainable:
         if config.gradient_checkpointing:
@@ -110,12 +210,23 @@ def load_model(spec: str, config: ModelConfig, device: torch.device, trainable: 
     return model
 
 
+def _tied_names(model: torch.nn.Module) -> set[str]:
+    """Parameters that are another's tied copy (an output layer tied to the embeddings)."""
+    tied = getattr(model, "_tied_weights_keys", None) or []
+    return set(tied.keys() if isinstance(tied, dict) else tied)
+
+
 def apply_lora(model: torch.nn.Module, config: ModelConfig, adapter: Optional[Path] = None) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
 
     if adapter is not None:
         from peft import PeftModel
 
+        if not (adapter / "adapter_model.safetensors").is_file():
+            pickled = (adapter / "adapter_model.bin").is_file()
+            raise ModelError(f"LoRA adapter {adapter}: " + ("holds only a pickled adapter_model.bin; kdrl reads "
+                                                            "weights from safetensors only (never a pickle)"
+                                                            if pickled else "no adapter_model.safetensors"))
         return PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
     lora = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
                       target_modules=list(config.lora.target_modules), task_type="CAUSAL_LM")

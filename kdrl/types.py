@@ -40,13 +40,17 @@ class Rollouts:
     response_texts: list[str]
     truncated: torch.Tensor  # [B] bool, hit max_new_tokens without EOS
     # Per-row source: who wrote the row ("student"/"policy" are on-policy, see
-    # kdrl.onpolicy.ON_POLICY_SOURCES; "teacher", "dataset", "cache", "teacher_solution" are not).
+    # kdrl.rollout.sources.ON_POLICY_SOURCES; "teacher", "dataset", "cache", "teacher_solution" are not).
     sources: list[str] = field(default_factory=list)
     sampler_entropy: Optional[torch.Tensor] = None  # [B, R] float, entropy of pi_old at each position
 
     @property
     def num_rows(self) -> int:
         return self.response_ids.shape[0]
+
+    def row_problems(self) -> list[Problem]:
+        """The problem each row answers (row b: ``problems[b // group_size]``)."""
+        return [self.problems[b // self.group_size] for b in range(self.num_rows)]
 
     def input_ids(self) -> torch.Tensor:
         return torch.cat([self.prompt_ids, self.response_ids], dim=1)
@@ -66,7 +70,9 @@ class TeacherOutput:
     token_logprobs: torch.Tensor  # [B, R]
     hidden_states: Optional[torch.Tensor] = None  # [B, R, H] at the positions predicting each response token
     output_weight: Optional[torch.Tensor] = None  # [V, H]
-    kd_coef: Optional[torch.Tensor] = None  # [B] per-row KD coefficient (several teachers, each with its own)
+    # [V]: the output layer's bias (scaled like the hidden states), None for a head without one; the
+    # full-vocabulary terms must see the distribution the sampled token_logprobs come from
+    output_bias: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -87,17 +93,20 @@ class TrainBatch:
     teacher_logprobs: Optional[torch.Tensor] = None  # [B, R]
     teacher_hidden: Optional[torch.Tensor] = None  # [B, R, H]
     teacher_output_weight: Optional[torch.Tensor] = None  # [V, H]
+    teacher_output_bias: Optional[torch.Tensor] = None  # [V]
     reference_logprobs: Optional[torch.Tensor] = None  # [B, R]
     on_policy: Optional[torch.Tensor] = None  # [B] float, 1 where the row was sampled from the student
-    kd_coef: Optional[torch.Tensor] = None  # [B] per-row KD coefficient multiplying beta (None: 1)
     sampler_entropy: Optional[torch.Tensor] = None  # [B, R] entropy of pi_old (token selection, e.g. tip)
+    problems: list[Problem] = field(default_factory=list)  # one per group, as in Rollouts (read by prepare)
     # Filled by Objective.prepare:
+    kd_coef: Optional[torch.Tensor] = None  # [B] per-row KD coefficient multiplying beta (None: 1)
     advantages: Optional[torch.Tensor] = None  # [B, R] token-level advantage (outcome + KD-in-advantage)
     kd_mask: Optional[torch.Tensor] = None  # [B] float, reward-guided KD mask m_i
     nll_mask: Optional[torch.Tensor] = None  # [B] float, rows trained by likelihood (SFT)
     token_weights: Optional[torch.Tensor] = None  # [B, R] loss-aggregation weights; sum over the full batch = 1
     kd_token_weights: Optional[torch.Tensor] = None  # [B, R] which tokens carry the KD term (token selection)
     beta: float = 0.0
+    pg_coef: float = 1.0  # pg_coef_t, the policy-gradient term's coefficient at this step
 
     @property
     def num_rows(self) -> int:
@@ -110,7 +119,7 @@ class TrainBatch:
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == self.num_rows \
-                    and f.name != "teacher_output_weight":
+                    and f.name not in ("teacher_output_weight", "teacher_output_bias"):
                 updates[f.name] = value[index]
         return replace(self, **updates)
 

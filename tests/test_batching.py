@@ -24,10 +24,12 @@ def test_response_lengths_count_to_the_last_kept_token():
 
 
 def _rollouts_and_run(tiny_overrides, recipe_overrides):
+    from kdrl.build import build
     from kdrl.rollout import SamplingParams
-    from kdrl.trainer import make_batch, score_rewards, setup
+    from kdrl.rollout.rows import score_rewards
+    from kdrl.trainer import make_batch
 
-    run = setup(load_config(None, tiny_overrides + recipe_overrides))
+    run = build(load_config(None, tiny_overrides + recipe_overrides))
     torch.manual_seed(0)
     rollouts = run.student_engine.generate(run.train_problems[:4], 4, SamplingParams(1.0, 1.0, 12))
     assert rollouts.response_mask.sum(-1).unique().numel() > 1  # rows of different lengths
@@ -39,7 +41,7 @@ def test_bucketed_teacher_scores_equal_one_full_width_pass(tiny_overrides):
 
     run, rollouts, _, _ = _rollouts_and_run(tiny_overrides, ["train.micro_batch_size=3"])
     out = run.teacher_scorer.score(rollouts, need_hidden=True)
-    teacher = run.teacher
+    teacher = run.teacher_scorer.model
     with torch.no_grad():
         hidden = response_hidden_states(teacher, rollouts.input_ids(), rollouts.attention_mask(),
                                         rollouts.prompt_ids.shape[1])
@@ -56,7 +58,7 @@ def test_bucketed_micro_batches_give_the_full_batch_loss_and_gradient(tiny_overr
 
     teacher_out = run.teacher_scorer.score(rollouts, need_hidden=run.objective.needs_teacher_hidden) \
         if run.objective.needs_teacher else None
-    batch = run.objective.prepare(make_batch(run, rollouts, score_rewards(run, rollouts), teacher_out, None), 0)
+    batch = run.objective.prepare(make_batch(rollouts, score_rewards(run.reward_fn, rollouts), teacher_out, None), 0)
     rows = torch.arange(batch.num_rows)
 
     def loss_and_grad(micros):
@@ -78,7 +80,7 @@ def test_bucketed_micro_batches_give_the_full_batch_loss_and_gradient(tiny_overr
 
 def test_trimming_keeps_whole_batch_fields_and_cuts_per_token_ones(tiny_overrides):
     run, rollouts, make_batch, score_rewards = _rollouts_and_run(tiny_overrides, [])
-    batch = make_batch(run, rollouts, score_rewards(run, rollouts), None, None)
+    batch = make_batch(rollouts, score_rewards(run.reward_fn, rollouts), None, None)
     cut = trimmed(batch, 3)
     assert cut.response_ids.shape[1] == 3 and cut.sampler_logprobs.shape[1] == 3
     assert cut.input_ids.shape[1] == batch.prompt_width + 3

@@ -39,14 +39,30 @@ def test_benchmark_toy(tiny_overrides, tmp_path, jobs):
     overrides = [o for o in tiny_overrides if not o.startswith("log.run_dir")] + [
         "train.steps=2", "eval.every=1", "eval.samples=2", "eval.temperature=1.0"]
     results = run_benchmark(["grpo", "kd_rkl"], [0], tmp_path / "bench", overrides, {}, 0.5, "kdrl bench (test)",
-                            jobs=jobs)
+                            jobs=jobs, method_pairs=[("kd_rkl", "grpo")])
     assert results["jobs"] == jobs
     table = (tmp_path / "bench" / "table.md").read_text()
     assert "| grpo |" in table and "| kd_rkl |" in table
-    assert "pass@2" in table and "response_length" in table
+    assert "pass@2" in table and "response_length" in table and "test/chain_correct" in table
+    # the paired comparison, from each run's per-problem results
+    per_problem = json.loads((tmp_path / "bench" / "runs" / "grpo-seed0" / "eval_after_problems.json").read_text())
+    assert [len(r["correct"]) for r in per_problem["test"]] == [2] * 4  # 4 problems x 2 samples
+    assert [(r["a"], r["b"], r["set"], r["metric"]) for r in results["pairs"]] == [
+        ("kd_rkl", "grpo", "test", "accuracy"), ("kd_rkl", "grpo", "test", "chain_correct")]
+    assert all(r["low"] <= r["difference"] <= r["high"] and r["problems"] == 4 for r in results["pairs"])
+    assert "| kd_rkl − grpo | test | accuracy |" in table
     assert (tmp_path / "bench" / "curves.png").stat().st_size > 1000
     saved = json.loads((tmp_path / "bench" / "results.json").read_text())
     assert [row["method"] for row in saved["rows"]] == ["grpo", "kd_rkl"]
     for row in saved["rows"]:
         mean, std = row["test/accuracy"]
         assert 0.0 <= mean <= 1.0 and std == 0.0
+
+
+def test_pairs_must_name_benchmarked_methods(tmp_path):
+    from kdrl.bench import run_benchmark
+    from kdrl.config import ConfigError
+
+    with pytest.raises(ConfigError, match="kdrl_auto"):
+        run_benchmark(["grpo", "kdrl"], [0], tmp_path, [], {}, 0.5, "test", method_pairs=[("kdrl_auto", "kdrl")])
+    assert not (tmp_path / "runs").exists()  # refused before anything trained

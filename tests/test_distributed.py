@@ -21,7 +21,9 @@ def _overrides(tiny_overrides: list[str], run_dir: Path) -> list[str]:
     return [o for o in tiny_overrides if not o.startswith("log.run_dir")] + [
         f"log.run_dir={run_dir}", "train.steps=1", f"rollout.prompts_per_step={PROMPTS}",
         f"rollout.group_size={GROUP}", "train.micro_batch_size=2", "train.warmup_steps=0",
-        "objective.kd_estimator=rkl", "objective.chunk_size=5", "train.max_grad_norm=1e9", "train.device=cpu"]
+        "objective.kd_estimator=rkl", "objective.chunk_size=5", "train.max_grad_norm=1e9", "train.device=cpu",
+        # kdrl_auto's β controller (β_0 = 1, as the constant default) measures the KL after the update
+        "objective.beta.schedule=adaptive"]
 
 
 def rows_share(rollouts: Rollouts, start: int, stop: int) -> Rollouts:
@@ -34,23 +36,25 @@ def rows_share(rollouts: Rollouts, start: int, stop: int) -> Rollouts:
                    sources=rollouts.sources[rows])
 
 
-def learn_one_step(overrides: list[str], rollouts_file: Path) -> tuple[dict, dict]:
+def learn_one_step(overrides: list[str], rollouts_file: Path) -> tuple[dict, dict, dict]:
     """The trainer's step on the saved global batch (this rank's share), then a checkpoint."""
-    from kdrl.trainer import make_batch, save, score_rewards, setup, update
+    from kdrl.build import build
+    from kdrl.rollout.rows import score_rewards
+    from kdrl.trainer import make_batch, save, update
     from kdrl.distributed import reduce_metrics
 
-    run = setup(load_config(None, overrides))
+    run = build(load_config(None, overrides))
     share = run.dist.share(PROMPTS)
     rollouts = rows_share(torch.load(rollouts_file, weights_only=False), share.start, share.stop)
-    rewards = score_rewards(run, rollouts)
+    rewards = score_rewards(run.reward_fn, rollouts)
     teacher = run.teacher_scorer.score(rollouts, need_hidden=run.objective.needs_teacher_hidden)
-    batch = run.objective.prepare(make_batch(run, rollouts, rewards, teacher, None), run.step)
+    batch = run.objective.prepare(make_batch(rollouts, rewards, teacher, None), run.step)
     metrics = reduce_metrics(update(run, batch), run.dist)
     grads = {name: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).detach().clone()
              for name, p in run.student.named_parameters()}
     run.step += 1
     save(run)
-    return metrics, grads
+    return metrics, grads, run.objective.state_dict()
 
 
 def _worker(rank: int, world: int, port: int, overrides: list[str], rollouts_file: Path, result_file: Path) -> None:
@@ -60,9 +64,10 @@ def _worker(rank: int, world: int, port: int, overrides: list[str], rollouts_fil
     from kdrl.distributed import close_distributed
 
     try:
-        metrics, grads = learn_one_step(overrides, rollouts_file)
+        metrics, grads, objective_state = learn_one_step(overrides, rollouts_file)
         if rank == 0:
             torch.save((metrics, grads), result_file)
+        torch.save(objective_state, result_file.with_name(f"objective-{rank}.pt"))
     except BaseException as error:  # reported to the parent
         torch.save(repr(error), result_file.with_name(f"error-{rank}.pt"))
         raise
@@ -77,14 +82,14 @@ def _free_port() -> int:
 
 
 def test_two_processes_match_one_process(tiny_overrides, tmp_path):
-    from kdrl.trainer import setup
+    from kdrl.build import build
 
     # One global batch of rollouts, sampled once and shared by both runs.
-    sampler = setup(load_config(None, _overrides(tiny_overrides, tmp_path / "sampler")))
+    sampler = build(load_config(None, _overrides(tiny_overrides, tmp_path / "sampler")))
     from kdrl.rollout import SamplingParams
 
     torch.manual_seed(3)
-    rollouts = sampler.sampling_engine.generate(sampler.train_problems[:PROMPTS], GROUP, SamplingParams(1.0, 1.0, 12))
+    rollouts = sampler.sampling_source.generate(sampler.train_problems[:PROMPTS], GROUP, SamplingParams(1.0, 1.0, 12))
     assert rollouts.response_mask.sum(-1).unique().numel() > 1  # responses of different lengths
     rollouts_file = tmp_path / "rollouts.pt"
     torch.save(rollouts, rollouts_file)
@@ -96,7 +101,7 @@ def test_two_processes_match_one_process(tiny_overrides, tmp_path):
                                                      rollouts_file, result_file)) for rank in range(2)]
     for worker in workers:
         worker.start()
-    one_metrics, one_grads = learn_one_step(_overrides(tiny_overrides, one_dir), rollouts_file)  # meanwhile
+    one_metrics, one_grads, one_objective = learn_one_step(_overrides(tiny_overrides, one_dir), rollouts_file)
     for worker in workers:
         worker.join(timeout=120)
     errors = [torch.load(f, weights_only=False) for f in sorted(tmp_path.glob("error-*.pt"))]
@@ -107,6 +112,12 @@ def test_two_processes_match_one_process(tiny_overrides, tmp_path):
         assert two_metrics[key] == pytest.approx(one_metrics[key], rel=1e-5, abs=1e-6), key
     assert one_metrics["kd_loss"] > 0 and one_metrics["grad_norm"] > 0
     assert one_grads.keys() == two_grads.keys()
+    # each rank measured its share of the KL; summed over ranks, both see the one-process KL and β
+    two_objective = [torch.load(tmp_path / f"objective-{rank}.pt") for rank in range(2)]
+    assert one_objective["beta_controller"]["beta"] != 1.0
+    for state in two_objective:
+        assert state["beta_controller"]["beta"] == pytest.approx(one_objective["beta_controller"]["beta"], rel=1e-9)
+        assert state["beta_controller"]["first_kl"] == pytest.approx(one_metrics["kd_value"], rel=1e-5)
     for name in one_grads:
         torch.testing.assert_close(two_grads[name], one_grads[name], rtol=1e-4, atol=1e-5, msg=name)
 
@@ -118,8 +129,8 @@ def test_two_processes_match_one_process(tiny_overrides, tmp_path):
     for name in one_weights:
         torch.testing.assert_close(two_weights[name], one_weights[name], rtol=1e-5, atol=1e-6, msg=name)
     assert not list(two_ckpt.parent.glob(".tmp-*"))
-    one_run = setup(load_config(one_dir / "config.yaml"), resume=one_dir)
-    two_run = setup(load_config(two_dir / "config.yaml"), resume=two_dir)
+    one_run = build(load_config(one_dir / "config.yaml"), resume=one_dir)
+    two_run = build(load_config(two_dir / "config.yaml"), resume=two_dir)
     assert two_run.step == one_run.step == 1
     for p1, p2 in zip(one_run.student.parameters(), two_run.student.parameters()):
         s1, s2 = one_run.optimizer.state[p1], two_run.optimizer.state[p2]

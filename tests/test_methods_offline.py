@@ -10,15 +10,15 @@ import pytest
 import torch
 
 from kdrl.config import ConfigError, TeacherRoute, load_config
-from kdrl.methods.failed_groups import (HintResampler, TeacherSolutionReplacer, all_failed_groups, hint_text,
-                                        load_solution_files)
-from kdrl.methods.routing import RoutedTeacher, pick_route
-from kdrl.methods.rows import Row, pack
-from kdrl.methods.teacher_cache import (CachedRolloutEngine, CachedTeacher, TeacherCacheError, build_teacher_cache,
-                                        load_teacher_cache)
 from kdrl.models import load_tokenizer
-from kdrl.objective.offpolicy import shaped_offpolicy_pg
+from kdrl.objective.policy_gradient import shaped_offpolicy_pg
 from kdrl.rollout import SamplingParams
+from kdrl.rollout.failed_groups import (HintResampler, TeacherSolutionReplacer, all_failed_groups, hint_text,
+                                        load_solution_files)
+from kdrl.rollout.rows import Row, pack
+from kdrl.rollout.sources import CachedRollouts
+from kdrl.teachers.cache import CachedTeacher, TeacherCacheError, build_teacher_cache, load_teacher_cache
+from kdrl.teachers.routed import RoutedTeacher, pick_route
 from kdrl.types import Problem, TeacherOutput
 from test_objective import make_batch, make_objective
 
@@ -74,7 +74,7 @@ def test_cache_round_trip_equals_live_teacher(tiny_overrides, tiny_assets, tmp_p
     device = pick_device("cpu")
     student = load_model(config.model.student, config.model, device, trainable=False)
     teacher = load_model(config.model.teacher, config.model, device, trainable=False)
-    engine = CachedRolloutEngine(cache, LocalTeacher(student))
+    engine = CachedRollouts(cache, LocalTeacher(student))
     rollouts = engine.generate(cache.problems[1:], 2, SamplingParams())
     assert rollouts.num_rows == 4 and rollouts.sources == ["cache"] * 4
     cached = CachedTeacher(cache).score(rollouts).token_logprobs
@@ -84,17 +84,19 @@ def test_cache_round_trip_equals_live_teacher(tiny_overrides, tiny_assets, tmp_p
     # recomputed log pi_old of the (unchanged) initial student equals the sampler's stored log-probs
     stored = cache.tensors["sampler_logprobs"][cache.rows_of(cache.problems[1:]), :rollouts.response_ids.shape[1]]
     torch.testing.assert_close(rollouts.sampler_logprobs, stored, atol=1e-4, rtol=0)
-    assert torch.equal(CachedRolloutEngine(cache).generate(cache.problems[1:], 2, SamplingParams()).sampler_logprobs,
+    assert torch.equal(CachedRollouts(cache).generate(cache.problems[1:], 2, SamplingParams()).sampler_logprobs,
                        stored)
 
 
 def test_training_from_cache_loads_no_teacher(tiny_overrides, tmp_path):
-    from kdrl.trainer import setup, training_step
+    from kdrl.build import build, needs_teacher_model
+    from kdrl.trainer import training_step
 
     overrides = cache_overrides(tiny_overrides, tmp_path)
     build_teacher_cache(load_config(RECIPES / "lightning_opd.yaml", overrides))
-    run = setup(load_config(RECIPES / "lightning_opd.yaml", overrides))
-    assert run.teacher is None and isinstance(run.teacher_scorer, CachedTeacher)
+    run = build(load_config(RECIPES / "lightning_opd.yaml", overrides))
+    assert not needs_teacher_model(run.config) and isinstance(run.teacher_scorer, CachedTeacher)
+    assert isinstance(run.sampling_source, CachedRollouts)
     assert len(run.train_problems) == 3
     metrics = training_step(run)
     assert math.isfinite(metrics["loss"]) and metrics["ratio_mean"] == pytest.approx(1.0, abs=1e-4)
@@ -228,7 +230,7 @@ class HintEngine:
     def __init__(self, tokenizer, needed):
         self.tokenizer, self.needed, self.calls = tokenizer, needed, []
 
-    def generate(self, problems, n, sampling, prompt_suffixes=None):
+    def generate(self, problems, n, sampling, step=0, prompt_suffixes=None):
         self.calls.append([(p.id, s) for p, s in zip(problems, prompt_suffixes)])
         texts = [f"\\boxed{{{p.answer}}}" if len(s) >= self.needed[p.id] and j == 0 else "no"
                  for p, s in zip(problems, prompt_suffixes) for j in range(n)]
@@ -286,37 +288,51 @@ def test_routed_teacher_scores_each_row_with_its_teacher_and_beta(tokenizer):
     problems = [problem(0, steps=4), problem(1, steps=2)]
     rollouts = rollouts_of(problems, ["a", "bb", "c", "dd"], 2, tokenizer)
     scorers = {"A": ConstantScorer(-1.0), "B": ConstantScorer(-2.0)}
-    out = RoutedTeacher(scorers, ["A", "B"], [0.5, 2.0], "steps", ROUTES).score(rollouts)
-    assert out.kd_coef.tolist() == [2.0, 2.0, 0.5, 0.5]
+    teacher = RoutedTeacher(scorers, ["A", "B"], [0.5, 2.0], "steps", ROUTES)
+    out = teacher.score(rollouts)
+    assert teacher.kd_coef_of(rollouts.row_problems()).tolist() == [2.0, 2.0, 0.5, 0.5]
     assert out.token_logprobs[:, 0].tolist() == [-2.0, -2.0, -1.0, -1.0]
     assert scorers["A"].rows == 2 and scorers["B"].rows == 2
     assert torch.equal(out.token_logprobs != 0, rollouts.response_mask > 0)
 
 
 def test_unmatched_problem_is_an_error_at_load_time(tiny_overrides, tmp_path):
-    from kdrl.trainer import setup
+    from kdrl.build import build
 
     config = load_config(RECIPES / "multi_teacher.yaml", tiny_overrides)
     config.teachers.routes = config.teachers.routes[:1]  # steps 2-3 only: 4- and 5-step problems match nothing
     with pytest.raises(ConfigError, match=r"teachers.routes: problem '.*' \(steps=[45]\) matches no route"):
-        setup(config)
+        build(config)
     assert not (tmp_path / "run").exists()
 
 
 def test_kd_coef_multiplies_the_kd_term():
-    batch, hidden, weight = make_batch()
-    coef = torch.tensor([0.5, 2.0, 1.0, 0.0], dtype=torch.float64)
-    opd = make_objective(advantage="none", kd_placement="advantage", kd_estimator="k1")
-    base, routed = opd.prepare(batch, 0), opd.prepare(batch.__class__(**{**batch.__dict__, "kd_coef": coef}), 0)
-    # Â = -β·c_i·(s_old - τ): the per-row coefficient scales each row's KD advantage
-    torch.testing.assert_close(routed.advantages, base.advantages * coef[:, None])
+    """The routes' β is an objective weight: prepare computes it from each row's problem."""
+    import dataclasses
+
+    from kdrl.objective import Objective
     from kdrl.types import StudentOutput
 
-    kdrl = make_objective(kd_placement="loss", kd_estimator="k2", pg_coef=0.0, advantage="none")
+    batch, hidden, weight = make_batch()  # 2 groups of 2
+    batch = dataclasses.replace(batch, problems=[problem(0), problem(1)])
+    betas = {"p0": 0.5, "p1": 2.0}
+
+    def routed(**kw):
+        plain = make_objective(**kw)
+        return plain, Objective(plain.cfg, 10, 6, kd_coef_of=lambda problems: torch.tensor(
+            [betas[p.id] for p in problems], dtype=torch.float64))
+
+    opd, opd_routed = routed(advantage="none", kd_placement="advantage", kd_estimator="k1")
+    base, scaled = opd.prepare(batch, 0), opd_routed.prepare(batch, 0)
+    coef = torch.tensor([0.5, 0.5, 2.0, 2.0], dtype=torch.float64)
+    assert base.kd_coef is None and torch.equal(scaled.kd_coef, coef)
+    # Â = -β·c_i·(s_old - τ): the per-row coefficient scales each row's KD advantage
+    torch.testing.assert_close(scaled.advantages, base.advantages * coef[:, None])
+    kdrl, kdrl_routed = routed(kd_placement="loss", kd_estimator="k2", pg_coef=0.0, advantage="none")
     out = StudentOutput(hidden_states=hidden, output_weight=weight)
-    uniform = batch.__class__(**{**batch.__dict__, "kd_coef": torch.full((4,), 3.0, dtype=torch.float64)})
-    scaled, plain = (kdrl.loss(kdrl.prepare(b, 0), out)[0] for b in (uniform, batch))
-    torch.testing.assert_close(scaled, 3.0 * plain)
+    betas.update(p0=3.0, p1=3.0)
+    torch.testing.assert_close(kdrl_routed.loss(kdrl_routed.prepare(batch, 0), out)[0],
+                               3.0 * kdrl.loss(kdrl.prepare(batch, 0), out)[0])
 
 
 # --------------------------------------------------------------------------- the recipes on the bundled task

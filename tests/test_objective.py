@@ -7,7 +7,7 @@ import torch
 from kdrl.config import BetaConfig, ObjectiveConfig
 from kdrl.objective import Objective
 from kdrl.objective.divergences import rkl
-from kdrl.objective.loss import policy_gradient_loss
+from kdrl.objective.policy_gradient import policy_gradient_loss
 from kdrl.types import StudentOutput, TrainBatch
 
 D = torch.float64
@@ -270,3 +270,21 @@ def test_prepare_requires_teacher_for_advantage_placement():
     with pytest.raises(ValueError, match="teacher_logprobs"):
         make_objective(kd_placement="advantage", kd_estimator="k1").prepare(
             dataclasses.replace(batch, teacher_logprobs=None), 0)
+
+
+@pytest.mark.parametrize("overrides", [["objective.kd_estimator=k1"], ["objective.kd_placement=advantage"],
+                                       ["objective.ref_kl_coef=0.1", "objective.ref_kl_estimator=k1",
+                                        "model.reference=student"],
+                                       ["objective.kd_estimator=jsd", "objective.jsd_beta=1.0"]])
+def test_objective_rules_are_checked_once(overrides):
+    """load_config and a directly built Objective refuse with the same words: one rule, one place."""
+    from kdrl.config import ConfigError, Config, apply_override, load_config
+
+    with pytest.raises(ConfigError) as loaded:
+        load_config(None, overrides)
+    config = Config()
+    for override in overrides:
+        apply_override(config, override)
+    with pytest.raises(ConfigError) as built:
+        Objective(config.objective, 10, 8)
+    assert str(built.value) == str(loaded.value)

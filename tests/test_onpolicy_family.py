@@ -13,11 +13,13 @@ import torch
 
 from kdrl.config import BetaConfig, ConfigError, ObjectiveConfig, SelfTeacherConfig, load_config
 from kdrl.objective import Objective
-from kdrl.objective.loss import anchored_log_denominator, kd_advantage
+from kdrl.objective.loss import kd_advantage
+from kdrl.objective.policy_gradient import anchored_log_denominator
 from kdrl.objective.weights import ROW_WEIGHTS, TOKEN_SELECTIONS, group_softmax_weights
-from kdrl.onpolicy import (DatasetResponses, RolloutSource, SelfTeacher, on_policy_at, privileged_problem,
-                           solution_users)
-from kdrl.types import Problem, StudentOutput
+from kdrl.build import solution_users
+from kdrl.rollout.sources import DatasetResponses, RolloutSource, on_policy_at
+from kdrl.teachers.self_teacher import SelfTeacher, privileged_problem
+from kdrl.types import Problem, StudentOutput, TrainBatch
 from test_objective import make_batch
 
 D = torch.float64
@@ -138,6 +140,16 @@ def test_exopd_config_needs_a_reference_and_the_advantage_placement():
 
 # --------------------------------------------------------------------------- scope
 
+def rows_batch(rewards, group_size, sampler_logprobs, teacher_logprobs, mask) -> TrainBatch:
+    """A batch with only what the row weights and token selections read."""
+    rows, width = mask.shape
+    return TrainBatch(input_ids=torch.zeros(rows, width, dtype=torch.long),
+                      attention_mask=torch.ones(rows, width, dtype=torch.long), prompt_width=0,
+                      response_ids=torch.zeros(rows, width, dtype=torch.long), response_mask=mask,
+                      sampler_logprobs=sampler_logprobs, rewards=rewards, group_size=group_size,
+                      teacher_logprobs=teacher_logprobs)
+
+
 def test_scope_row_weights_by_hand():
     """Group of 4, rewards (1, 0, 1, 0); mean teacher log-probs of the incorrect rows −1, −2; mean
     student log-probs of the correct rows −0.5, −1.5 (T = 1, lengths 2 and 1)."""
@@ -145,14 +157,15 @@ def test_scope_row_weights_by_hand():
     mask = torch.tensor([[1, 1], [1, 1], [1, 0], [1, 0]], dtype=D)
     student = torch.tensor([[-0.25, -0.75], [0.0, 0.0], [-1.5, 9.0], [0.0, 9.0]], dtype=D)  # 9: padding
     teacher = torch.tensor([[0.0, 0.0], [-1.5, -0.5], [0.0, 9.0], [-2.0, 9.0]], dtype=D)
-    kd, nll = ROW_WEIGHTS["scope"](rewards, 4, 1.0, student, teacher, mask, 1.0)
+    kd, nll = ROW_WEIGHTS["scope"](rows_batch(rewards, 4, student, teacher, mask), 1.0, ObjectiveConfig())
     e = math.exp
     w_tea = [2 * e(-1) / (e(-1) + e(-2)), 2 * e(-2) / (e(-1) + e(-2))]
     w_stu = [2 * e(0.5) / (e(0.5) + e(1.5)), 2 * e(1.5) / (e(0.5) + e(1.5))]  # higher perplexity, more weight
     torch.testing.assert_close(kd, torch.tensor([0.0, w_tea[0], 0.0, w_tea[1]], dtype=D))
     torch.testing.assert_close(nll, torch.tensor([w_stu[0], 0.0, w_stu[1], 0.0], dtype=D))
     # T = 2 halves the scores
-    kd2, _ = ROW_WEIGHTS["scope"](rewards, 4, 1.0, student, teacher, mask, 2.0)
+    kd2, _ = ROW_WEIGHTS["scope"](rows_batch(rewards, 4, student, teacher, mask), 1.0,
+                                  ObjectiveConfig(scope_temperature=2.0))
     assert kd2[1].item() == pytest.approx(2 * e(-0.5) / (e(-0.5) + e(-1)))
 
 
@@ -163,7 +176,8 @@ def test_scope_empty_sets_get_weight_zero():
     assert weights[:2].sum().item() == pytest.approx(2.0)
     rewards = torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=D)  # group 1 all correct, group 2 all wrong
     logprobs = torch.full((4, 2), -1.0, dtype=D)
-    kd, nll = ROW_WEIGHTS["scope"](rewards, 2, 1.0, logprobs, logprobs, torch.ones(4, 2, dtype=D), 1.0)
+    kd, nll = ROW_WEIGHTS["scope"](rows_batch(rewards, 2, logprobs, logprobs, torch.ones(4, 2, dtype=D)), 1.0,
+                                   ObjectiveConfig())
     assert kd.tolist() == [0.0, 0.0, 1.0, 1.0] and nll.tolist() == [1.0, 1.0, 0.0, 0.0]
 
 
@@ -189,10 +203,15 @@ def test_tip_selection_by_hand():
     ceiling = 0.4 + 0.92 * 9.6
     scores = [(1 - h / ceiling) * d for h, d in zip([0.1, 0.2, 0.3, 0.4, 10 / 10 * ceiling], [1, 1, 1, 5, 100])]
     assert scores.index(max(scores)) == 3 and scores[4] == pytest.approx(0.0)
-    select = TOKEN_SELECTIONS["tip"]
+
+    def select(mask, entropy, divergence, fraction, name="tip"):
+        batch = dataclasses.replace(rows_batch(torch.zeros(mask.shape[0], dtype=D), 1, mask, mask, mask),
+                                    sampler_entropy=entropy)
+        return TOKEN_SELECTIONS[name](batch, divergence, ObjectiveConfig(tip_keep_fraction=fraction))
+
     assert select(mask, entropy, divergence, 0.2).tolist() == [[0, 0, 0, 5.0, 0, 0]]  # 1 of 5, scaled 5/1
     assert select(mask, entropy, divergence, 0.4).tolist() == [[2.5, 0, 0, 2.5, 0, 0]]  # then the lowest entropy
-    assert torch.equal(TOKEN_SELECTIONS["all"](mask, entropy, divergence, 0.2), mask)
+    assert torch.equal(select(mask, entropy, divergence, 0.2, "all"), mask)
     assert select(torch.ones(1, 15, dtype=D), torch.rand(1, 15, dtype=D), torch.rand(1, 15, dtype=D),
                   0.2).gt(0).sum() == 3  # ceil(0.2·15) is 3, not 4 from 3.0000000000000004
     with pytest.raises(ValueError, match="entropy"):
@@ -265,7 +284,7 @@ def test_opsd_without_privileged_context_has_zero_kd_signal_at_the_start(tmp_pat
 
 def test_opsd_without_solutions_is_an_error_naming_the_problem(tiny_overrides, tmp_path):
     from kdrl.data import DataError
-    from kdrl.trainer import setup
+    from kdrl.build import build
 
     data = tmp_path / "no_solution.jsonl"
     data.write_text('{"id": "a", "prompt": "1+1=?\\n", "answer": "2", "solution": "1+1=2 \\\\boxed{2}"}\n'
@@ -274,7 +293,7 @@ def test_opsd_without_solutions_is_an_error_naming_the_problem(tiny_overrides, t
     config = load_config(RECIPES / "opsd.yaml", overrides + [f"data.train={data}"])
     assert solution_users(config) == ["model.teacher=self (privileged context)"]
     with pytest.raises(DataError, match=r"no_solution.jsonl:2: .*'b7'.*model.teacher=self"):
-        setup(config)
+        build(config)
     assert not (tmp_path / "run").exists()
 
 
@@ -294,6 +313,7 @@ def test_dataset_responses_are_the_solutions_and_marked_off_policy(tiny_assets):
     from kdrl.config import ModelConfig
     from kdrl.models import load_model, load_tokenizer
     from kdrl.rollout import SamplingParams
+    from kdrl.teachers import LocalTeacher
     from kdrl.trainer import make_batch as trainer_make_batch
 
     tokenizer = load_tokenizer(str(tiny_assets / "student"))
@@ -301,7 +321,7 @@ def test_dataset_responses_are_the_solutions_and_marked_off_policy(tiny_assets):
     encode = lambda problem, suffix="": tokenizer(problem.prompt + suffix)["input_ids"]  # noqa: E731
     problems = [Problem(id="a", prompt="1+1=?\n", answer="2", solution="1+1=2 \\boxed{2}"),
                 Problem(id="b", prompt="3*3=?\n", answer="9", solution="3*3=9 \\boxed{9}")]
-    engine = DatasetResponses(model, tokenizer, encode)
+    engine = DatasetResponses(tokenizer, encode, LocalTeacher(model))
     source = RolloutSource("dataset", {"dataset": engine})
     rollouts = source.generate(problems, 4, SamplingParams(max_new_tokens=64))
     assert rollouts.group_size == 1 and rollouts.num_rows == 2 and rollouts.sources == ["dataset", "dataset"]
@@ -312,10 +332,7 @@ def test_dataset_responses_are_the_solutions_and_marked_off_policy(tiny_assets):
     assert torch.all(rollouts.sampler_logprobs[rollouts.response_mask > 0] < 0)  # the student's scores
     short = engine.generate(problems, 1, SamplingParams(max_new_tokens=5))
     assert short.truncated.all() and short.response_ids.shape[1] == 5
-
-    class _Run:  # make_batch reads nothing else from the run
-        config = None
-    batch = trainer_make_batch(_Run(), rollouts, torch.ones(2), None, None)
+    batch = trainer_make_batch(rollouts, torch.ones(2), None, None)
     assert batch.on_policy.tolist() == [0.0, 0.0]  # off-policy: the ratio cap applies
 
 

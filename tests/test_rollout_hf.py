@@ -9,9 +9,9 @@ from kdrl.rollout import SamplingParams
 
 @pytest.fixture
 def run(tiny_overrides):
-    from kdrl.trainer import setup
+    from kdrl.build import build
 
-    return setup(load_config(None, tiny_overrides))
+    return build(load_config(None, tiny_overrides))
 
 
 def _recomputed_logprobs(run, rollouts, temperature):

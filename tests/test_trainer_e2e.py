@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from kdrl.config import load_config
-from kdrl.methods.teacher_cache import build_teacher_cache
+from kdrl.teachers.cache import build_teacher_cache
 from kdrl.trainer import train
 
 RECIPES = sorted(p.stem for p in (Path(__file__).parent.parent / "recipes").glob("*.yaml"))
@@ -22,7 +22,7 @@ VARIED_REWARD = "reward.functions=[kdrl_test_rewards:char_parity]"
 
 def test_every_preset_is_covered():
     assert {"sft", "grpo", "kd_rkl", "opd", "kdrl", "kdrl_anneal", "kdrl_mask"} <= set(RECIPES)
-    assert {"exopd", "opsd", "scope", "tip", "rlad", "gkd"} <= set(RECIPES)  # METHODS.md §6
+    assert {"exopd", "opsd", "scope", "tip", "rlad", "gkd", "kd_then_rl", "kdrl_auto"} <= set(RECIPES)  # METHODS.md §6
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:

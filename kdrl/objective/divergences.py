@@ -54,21 +54,6 @@ def k3(student_logprobs: Tensor, other_logprobs: Tensor) -> Tensor:
 
 SAMPLED_KL: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"k1": k1, "k2": k2, "k3": k3}
 
-K1_IN_LOSS_ERROR = (
-    "k1 (the sampled log-ratio s - t) cannot be a loss term: its gradient is grad log pi_theta of the "
-    "sampled token, whose expectation under pi_theta is zero, so it teaches nothing (METHODS.md §2). "
-    "Use k2 (reverse KL) or k3 (forward KL) in the loss, or k1 with kd_placement=advantage."
-)
-
-
-def check_loss_estimator(name: str, key: str = "kd_estimator") -> None:
-    """Refuse k1 (zero-mean gradient) or an unknown name as a sampled loss term."""
-    if name == "k1":
-        raise ValueError(f"{key}: {K1_IN_LOSS_ERROR}")
-    if name not in SAMPLED_KL:
-        raise ValueError(f"{key}: unknown sampled KL estimator {name!r} (valid: k2, k3)")
-
-
 # --------------------------------------------------------------------------- full-vocabulary divergences
 
 

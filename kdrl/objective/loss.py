@@ -12,39 +12,24 @@ PG ratio's denominator can be anchored to π_old^α·π_T^(1−α) (``ratio_anch
 """
 from __future__ import annotations
 
-from dataclasses import replace
-from typing import Callable, Optional
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Optional
 
 import torch
 
-from kdrl.config import ObjectiveConfig
+from kdrl.config import ConfigError, ObjectiveConfig, objective_errors
 from kdrl.objective.advantages import ADVANTAGES
-from kdrl.objective.divergences import SAMPLED_KL, VOCAB_DIVERGENCES, check_loss_estimator, upcast, vocab_terms_chunked
-from kdrl.objective.offpolicy import shaped_offpolicy_pg
-from kdrl.objective.schedules import BETA_SCHEDULES, beta_at
+from kdrl.objective.divergences import SAMPLED_KL, VOCAB_DIVERGENCES, upcast, vocab_terms_chunked
+from kdrl.objective.policy_gradient import OFFPOLICY_PG, PGTokens, clipped, importance_ratio, policy_gradient
+from kdrl.objective.controllers import BETA_CONTROLLERS, measured_kl
+from kdrl.objective.schedules import ADAPTIVE, BETA_SCHEDULES, PHASES, beta_at, switch_step
 from kdrl.objective.weights import KD_MASKS, LOSS_AGGREGATIONS, ROW_WEIGHTS, TOKEN_SELECTIONS, identity
-from kdrl.types import StudentOutput, TrainBatch
+from kdrl.types import Problem, StudentOutput, TrainBatch
 
 Tensor = torch.Tensor
 
 
 # --------------------------------------------------------------------------- per-token terms
-
-def policy_gradient_loss(ratio: Tensor, advantages: Tensor, eps_low: float, eps_high: float) -> Tensor:
-    """L_pg = −min(ρ·Â, clip(ρ, 1−ε_low, 1+ε_high)·Â)  (PPO clip, METHODS.md §4; DAPO's ε_high)."""
-    return -torch.minimum(ratio * advantages, ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * advantages)
-
-
-def clipped(ratio: Tensor, advantages: Tensor, eps_low: float, eps_high: float) -> Tensor:
-    """Tokens whose clipped branch is the active minimum with zero gradient."""
-    return ((advantages > 0) & (ratio > 1.0 + eps_high)) | ((advantages < 0) & (ratio < 1.0 - eps_low))
-
-
-def importance_ratio(s: Tensor, s_old: Tensor) -> Tensor:
-    """ρ = exp(s − s_old); the log-ratio is clamped to ±20 before exp only as a guard against
-    overflow (as verl does): far outside the clip range, where it never matters."""
-    return torch.exp((s - s_old).clamp(-20.0, 20.0))
-
 
 def offpolicy_weight(ratio: Tensor, off_policy: Tensor, cap: float) -> Tensor:
     """sg(min(ρ, c)) on tokens not sampled from the current π_θ, 1 elsewhere (METHODS.md §4,
@@ -83,28 +68,21 @@ def kd_advantage(sampler_logprobs: Tensor, teacher_logprobs: Tensor, mask: Tenso
     return discounted_future_sum(delta.detach(), mask, gamma)
 
 
-def anchored_log_denominator(sampler_logprobs: Tensor, teacher_logprobs: Optional[Tensor], alpha: float) -> Tensor:
-    """log(π_old^α · π_T^(1−α)) = α·s_old + (1 − α)·τ: RLAD's trust-region anchor (METHODS.md §6).
+@dataclass(frozen=True)
+class ObjectiveInputs:
+    """Which batch inputs the configured registry entries read: the one rule for which teacher and
+    reference a run loads (as verl's distillation settings declare top-k / full / estimator needs)."""
 
-    The geometric mixture is NOT renormalised over the vocabulary (a choice: the normaliser
-    would need both full distributions, and it is a per-position constant that only shifts the
-    clip window). α = 1 is s_old, GRPO's ratio, exactly (1·s_old + 0·τ is s_old bitwise).
-    """
-    if alpha == 1.0 and teacher_logprobs is None:
-        return sampler_logprobs
-    if teacher_logprobs is None:
-        raise ValueError("objective.ratio_anchor_alpha < 1 needs the teacher's log-probs (model.teacher)")
-    return alpha * sampler_logprobs + (1.0 - alpha) * teacher_logprobs
+    teacher_logprobs: bool  # the KD term, or RLAD's ratio anchor (α < 1)
+    teacher_hidden: bool  # a full-vocabulary KD term (VOCAB_DIVERGENCES) in the loss
+    reference_logprobs: bool  # the reference KL, or ExOPD's reward scale λ ≠ 1
 
 
-def uses_teacher_logprobs(cfg: ObjectiveConfig) -> bool:
-    """The teacher's log-probs enter the loss: the KD term, or RLAD's ratio anchor (α < 1)."""
-    return cfg.kd_placement != "none" or cfg.ratio_anchor_alpha != 1.0
-
-
-def uses_reference_logprobs(cfg: ObjectiveConfig) -> bool:
-    """A frozen reference's log-probs enter the loss: the reference KL, or ExOPD's reward scale λ ≠ 1."""
-    return cfg.ref_kl_coef != 0 or (cfg.kd_placement == "advantage" and cfg.kd_reward_scale != 1)
+def objective_inputs(cfg: ObjectiveConfig) -> ObjectiveInputs:
+    return ObjectiveInputs(
+        teacher_logprobs=cfg.kd_placement != "none" or cfg.ratio_anchor_alpha != 1.0,
+        teacher_hidden=cfg.kd_placement == "loss" and cfg.kd_estimator in VOCAB_DIVERGENCES,
+        reference_logprobs=cfg.ref_kl_coef != 0 or (cfg.kd_placement == "advantage" and cfg.kd_reward_scale != 1))
 
 
 def kd_row_coef(batch: TrainBatch) -> Tensor | float:
@@ -126,53 +104,87 @@ class Objective:
     - ``temperature``: the sampling temperature; both models' logits are divided by it so
       the student's log-probs match the sampler's (the teacher's sampled log-probs should be
       scored at the same temperature).
+    - ``kd_coef_of``: each row's problem -> its β multiplier [B] (several teachers, one per route,
+      ``kdrl.teachers.routed``); a weight of the objective, computed in ``prepare`` (None: 1).
     """
 
     def __init__(self, cfg: ObjectiveConfig, total_steps: int, max_response_len: int,
                  correct_threshold: float = 1.0, all_reduce_sum: Optional[Callable[[Tensor], Tensor]] = None,
-                 temperature: float = 1.0):
+                 temperature: float = 1.0, kd_coef_of: Optional[Callable[[list[Problem]], Tensor]] = None):
         for value, registry, key in [(cfg.advantage, ADVANTAGES, "advantage"), (cfg.kd_mask, KD_MASKS, "kd_mask"),
                                      (cfg.loss_agg, LOSS_AGGREGATIONS, "loss_agg"),
                                      (cfg.row_weights, ROW_WEIGHTS, "row_weights"),
                                      (cfg.kd_token_selection, TOKEN_SELECTIONS, "kd_token_selection"),
-                                     (cfg.beta.schedule, BETA_SCHEDULES, "beta.schedule")]:
+                                     (cfg.offpolicy_pg, OFFPOLICY_PG, "offpolicy_pg"),
+                                     (cfg.beta.schedule, {**BETA_SCHEDULES, ADAPTIVE: None}, "beta.schedule"),
+                                     (cfg.phases, PHASES, "phases")]:
             if value not in registry:
                 raise ValueError(f"objective.{key}: unknown {value!r} (valid: {', '.join(registry)})")
-        if cfg.kd_placement == "loss" and cfg.kd_estimator in SAMPLED_KL:
-            check_loss_estimator(cfg.kd_estimator, "objective.kd_estimator")
-        if cfg.kd_placement == "advantage" and cfg.kd_estimator != "k1":
-            raise ValueError("objective.kd_estimator: the advantage placement uses the sampled log-ratio k1 "
-                             "(METHODS.md §3)")
-        if cfg.ref_kl_coef != 0:
-            check_loss_estimator(cfg.ref_kl_estimator, "objective.ref_kl_estimator")
-        if cfg.kd_placement == "loss" and cfg.kd_estimator == "jsd" and cfg.jsd_beta in (0.0, 1.0):
-            raise ValueError(f"objective.jsd_beta: JSD({cfg.jsd_beta:g}) is identically 0; use "
-                             f"kd_estimator={'fkl' if cfg.jsd_beta == 0 else 'rkl'} for that limit")
+        for key, message in objective_errors(cfg):  # the rules config.validate applies, once
+            raise ConfigError(f"{key}: {message}")
         self.cfg = cfg
         self.total_steps = total_steps
         self.max_response_len = max_response_len
         self.correct_threshold = correct_threshold
         self.all_reduce_sum = all_reduce_sum or identity
         self.temperature = temperature
-        self.needs_teacher = uses_teacher_logprobs(cfg)
+        self.kd_coef_of = kd_coef_of
+        self.inputs = objective_inputs(cfg)
+        self.needs_teacher = self.inputs.teacher_logprobs
+        self.needs_teacher_hidden = self.inputs.teacher_hidden
+        self.needs_reference = self.inputs.reference_logprobs
         self.kd_in_loss = cfg.kd_placement == "loss"
-        self.needs_teacher_hidden = self.kd_in_loss and cfg.kd_estimator in VOCAB_DIVERGENCES
-        self.needs_reference = uses_reference_logprobs(cfg)
         # with no outcome advantage and no KD in the advantage, Â ≡ 0: the PG term is skipped
         self.uses_pg = cfg.pg_coef != 0 and (cfg.advantage != "none" or cfg.kd_placement == "advantage")
         self._divergence_kwargs = {"jsd": {"beta": cfg.jsd_beta}, "topk": {"k": cfg.kd_topk}}.get(cfg.kd_estimator, {})
+        self.switch_step = switch_step(cfg.switch_fraction, cfg.switch_step, total_steps)  # S of the phases
+        self.beta_controller = BETA_CONTROLLERS[cfg.beta.controller.rule](cfg.beta) \
+            if cfg.beta.schedule == ADAPTIVE else None  # kdrl_auto
+
+    # ----------------------------------------------------------------------- coefficients per step
+
+    def coefficients(self, step: int) -> tuple[float, float]:
+        """(β_t, pg_coef_t): the schedule's (or the controller's) β and pg_coef, times the phase factors."""
+        kd_on, pg_on = PHASES[self.cfg.phases](step, self.switch_step)
+        beta = self.beta_controller.beta if self.beta_controller is not None \
+            else beta_at(self.cfg.beta, step, self.total_steps)
+        return beta * kd_on, self.cfg.pg_coef * pg_on
+
+    # ----------------------------------------------------------------------- state across steps
+
+    def after_update(self, metrics: dict[str, Any]) -> None:
+        """Called by the trainer after each optimizer step with that step's update metrics, reduced
+        over ranks (so every rank's controller sees the same global KL and keeps the same β): the β
+        controller (kdrl_auto) takes its KL measurement; nothing to adapt otherwise. A skipped
+        update (on any rank: ``skipped`` is averaged) is no measurement."""
+        if self.beta_controller is not None and not metrics.get("skipped"):
+            self.beta_controller.update(measured_kl(metrics, self.cfg.kd_estimator))
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps to resume the objective exactly (``trainer_state["objective"]``)."""
+        return {} if self.beta_controller is None else {"beta_controller": self.beta_controller.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict``'s output (the β controller's state, if there is one)."""
+        if self.beta_controller is None:
+            return
+        if "beta_controller" not in state:
+            raise ValueError("objective.beta.schedule=adaptive: the checkpoint holds no beta controller state, "
+                             "so beta cannot resume where it was")
+        self.beta_controller.load_state_dict(state["beta_controller"])
 
     # ----------------------------------------------------------------------- once per batch
 
     def prepare(self, batch: TrainBatch, step: int) -> TrainBatch:
         """Advantages, masks, token weights and β for one rollout batch (a new TrainBatch)."""
+        if self.kd_coef_of is not None:  # several teachers: each row's route multiplies β
+            batch = replace(batch, kd_coef=self.kd_coef_of(
+                [batch.problems[b // batch.group_size] for b in range(batch.num_rows)]))
         cfg, mask = self.cfg, upcast(batch.response_mask)
         rewards = upcast(batch.rewards)
-        beta = beta_at(cfg.beta, step, self.total_steps)
+        beta, pg_coef = self.coefficients(step)
         outcome = ADVANTAGES[cfg.advantage](rewards, batch.group_size)  # A_i, §1
-        kd_rows, nll_rows = ROW_WEIGHTS[cfg.row_weights](  # per-row weights (SCOPE, §6)
-            rewards, batch.group_size, self.correct_threshold, batch.sampler_logprobs, batch.teacher_logprobs,
-            mask, cfg.scope_temperature)
+        kd_rows, nll_rows = ROW_WEIGHTS[cfg.row_weights](batch, self.correct_threshold, cfg)  # SCOPE, §6
         kd_mask = KD_MASKS[cfg.kd_mask](rewards, batch.group_size, self.correct_threshold) * kd_rows  # m_i, §5
         kd_tokens = self._kd_token_weights(batch, mask)  # which tokens carry KD (TIP, §6)
         advantages = outcome[:, None] * mask
@@ -188,7 +200,16 @@ class Objective:
         nll_mask = nll_mask * nll_rows
         token_weights = LOSS_AGGREGATIONS[cfg.loss_agg](mask, self.max_response_len, self.all_reduce_sum)
         return replace(batch, advantages=advantages, kd_mask=kd_mask, nll_mask=nll_mask,
-                       token_weights=token_weights, kd_token_weights=kd_tokens, beta=beta)
+                       token_weights=token_weights, kd_token_weights=kd_tokens, beta=beta, pg_coef=pg_coef)
+
+    def minibatch(self, batch: TrainBatch, rows: Tensor) -> TrainBatch:
+        """The prepared batch's ``rows`` as one optimizer step's batch (``train.updates_per_batch`` > 1):
+        the loss aggregation recomputed over these rows (all ranks' share of them), so token_mean
+        divides by this minibatch's token count, not the whole batch's."""
+        sub = batch.rows(rows)
+        weights = LOSS_AGGREGATIONS[self.cfg.loss_agg](upcast(sub.response_mask), self.max_response_len,
+                                                       self.all_reduce_sum)
+        return replace(sub, token_weights=weights)
 
     def _kd_token_weights(self, batch: TrainBatch, mask: Tensor) -> Optional[Tensor]:
         """None (every token) or [B, R] weights of the KD term from TOKEN_SELECTIONS. TIP's δ_t is
@@ -199,8 +220,7 @@ class Objective:
         if batch.teacher_logprobs is None:
             raise ValueError(f"kd_token_selection={self.cfg.kd_token_selection} needs batch.teacher_logprobs")
         divergence = (upcast(batch.sampler_logprobs) - upcast(batch.teacher_logprobs)).abs() * mask
-        return TOKEN_SELECTIONS[self.cfg.kd_token_selection](mask, batch.sampler_entropy, divergence,
-                                                             self.cfg.tip_keep_fraction)
+        return TOKEN_SELECTIONS[self.cfg.kd_token_selection](batch, divergence, self.cfg)
 
     def prepare_metrics(self, batch: TrainBatch) -> dict[str, float]:
         """Batch-level numbers of a prepared batch (this process's rows)."""
@@ -217,6 +237,7 @@ class Objective:
             "uniform_group_fraction": (groups.amax(1) == groups.amin(1)).float().mean().item(),
             **({} if batch.on_policy is None else {"on_policy_rows": batch.on_policy.float().mean().item()}),
             **self._token_selection_metrics(batch, valid),
+            **({} if self.cfg.phases == "joint" else {"pg_coef": float(batch.pg_coef)}),
         }
 
     @staticmethod
@@ -257,6 +278,7 @@ class Objective:
         s, entropy, divergence = vocab_terms_chunked(
             student.hidden_states[valid], student.output_weight, student.output_bias, batch.response_ids[valid],
             *self._teacher_hidden(batch, valid), divergence=cfg.kd_estimator if self.needs_teacher_hidden else None,
+            teacher_bias=batch.teacher_output_bias if self.needs_teacher_hidden else None,
             chunk_size=cfg.chunk_size, temperature=self.temperature, entropy_grad=cfg.entropy_coef != 0,
             **self._divergence_kwargs)
         ratio = importance_ratio(s, s_old)
@@ -266,11 +288,8 @@ class Objective:
         teacher = None if batch.teacher_logprobs is None else upcast(batch.teacher_logprobs[valid])
 
         # per-token terms [N]
-        pg_ratio = importance_ratio(s, anchored_log_denominator(s_old, teacher, cfg.ratio_anchor_alpha))  # RLAD, §6
-        pg = policy_gradient_loss(pg_ratio, advantages, cfg.clip_eps_low, cfg.clip_eps_high)  # §4
-        if cfg.offpolicy_pg == "shaped" and batch.on_policy is not None:  # §6 ampo: −A·f(π_θ) on teacher rows
-            pg = torch.where(per_token(batch.on_policy == 0),
-                             shaped_offpolicy_pg(s, advantages, cfg.offpolicy_shaping_gamma), pg)
+        not_sampled = None if batch.on_policy is None else per_token(batch.on_policy == 0)
+        pg, pg_ratio = policy_gradient(PGTokens(s, s_old, advantages, teacher, not_sampled), cfg)  # §4; RLAD, AMPO §6
         kd_value = self._kd_value(s, teacher, divergence)  # k(Δ_t), §2
         kd = batch.beta * per_token(upcast(batch.kd_mask) * kd_row_coef(batch)) * self._sampled_correction(is_weight) \
             * kd_value  # §3
@@ -281,7 +300,7 @@ class Objective:
 
         total = 0.0 * s  # attached to the graph even if every coefficient is 0
         if self.uses_pg:
-            total = total + cfg.pg_coef * pg
+            total = total + batch.pg_coef * pg  # pg_coef_t (prepare: the phases of the run)
         if self.kd_in_loss:
             total = total + kd
         else:

@@ -7,12 +7,12 @@
   loss = Σ_t term_t · token_weights_t. Slicing rows keeps this normalisation, so the
   micro-batch losses of one batch add up to the batch loss exactly.
 
-- ROW_WEIGHTS (``row_weights``): ``fn(rewards[B], group_size, correct_threshold,
-  sampler_logprobs[B, R], teacher_logprobs[B, R] or None, response_mask[B, R], temperature)
-  -> (kd_weight[B], nll_weight[B])``, multiplying the KD mask and the likelihood mask (SCOPE).
-- TOKEN_SELECTIONS (``kd_token_selection``): ``fn(response_mask[B, R], sampler_entropy[B, R] or
-  None, divergence[B, R], keep_fraction) -> kd_token_weights[B, R]``: which tokens carry the KD
-  term (TIP).
+- ROW_WEIGHTS (``row_weights``): ``fn(batch, correct_threshold, cfg) -> (kd_weight[B],
+  nll_weight[B])``, multiplying the KD mask and the likelihood mask (SCOPE); they read the
+  batch's rewards, groups, sampler and teacher log-probs and response mask.
+- TOKEN_SELECTIONS (``kd_token_selection``): ``fn(batch, divergence[B, R], cfg) ->
+  kd_token_weights[B, R]``: which tokens carry the KD term (TIP, from the batch's response mask
+  and sampler entropy).
 
 ``all_reduce_sum`` is applied to every normaliser (token count, row count) so that
 data-parallel ranks share one normalisation; it is the identity on one process.
@@ -20,11 +20,13 @@ data-parallel ranks share one normalisation; it is the identity on one process.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
+from kdrl.config import ObjectiveConfig
 from kdrl.objective.divergences import upcast
+from kdrl.types import TrainBatch
 
 Tensor = torch.Tensor
 AllReduceSum = Callable[[Tensor], Tensor]
@@ -103,14 +105,12 @@ LOSS_AGGREGATIONS: dict[str, AggregationFn] = {
 
 # --------------------------------------------------------------------------- row weights (KD / likelihood)
 
-RowWeightFn = Callable[[Tensor, int, float, Tensor, Optional[Tensor], Tensor, float], tuple[Tensor, Tensor]]
+RowWeightFn = Callable[[TrainBatch, float, ObjectiveConfig], tuple[Tensor, Tensor]]
 
 
-def row_weights_none(rewards: Tensor, group_size: int, correct_threshold: float, sampler_logprobs: Tensor,
-                     teacher_logprobs: Optional[Tensor], response_mask: Tensor, temperature: float
-                     ) -> tuple[Tensor, Tensor]:
+def row_weights_none(batch: TrainBatch, correct_threshold: float, cfg: ObjectiveConfig) -> tuple[Tensor, Tensor]:
     """Every row weighs 1 in both the KD and the likelihood term."""
-    ones = torch.ones_like(upcast(rewards))
+    ones = torch.ones_like(upcast(batch.rewards))
     return ones, ones
 
 
@@ -132,9 +132,7 @@ def group_softmax_weights(scores: Tensor, members: Tensor, group_size: int) -> T
     return torch.where(inside, count * weights, torch.zeros_like(weights)).reshape(-1)
 
 
-def row_weights_scope(rewards: Tensor, group_size: int, correct_threshold: float, sampler_logprobs: Tensor,
-                      teacher_logprobs: Optional[Tensor], response_mask: Tensor, temperature: float
-                      ) -> tuple[Tensor, Tensor]:
+def row_weights_scope(batch: TrainBatch, correct_threshold: float, cfg: ObjectiveConfig) -> tuple[Tensor, Tensor]:
     """SCOPE's dual-path routing by correctness within each group (METHODS.md §6).
 
     Incorrect rows get the KD term, weighted w_tea = n·softmax over the group's incorrect rows of
@@ -143,15 +141,16 @@ def row_weights_scope(rewards: Tensor, group_size: int, correct_threshold: float
     of (−mean student log-prob / T): the student's least confident correct responses count more.
     This follows the paper's text; its released code uses the opposite sign in w_stu. The student
     log-probs are the sampler's (π_old, no gradient). A group with no incorrect (no correct) rows
-    gives KD (likelihood) weight 0 to every row.
+    gives KD (likelihood) weight 0 to every row. T is ``objective.scope_temperature``.
     """
-    if teacher_logprobs is None:
+    if batch.teacher_logprobs is None:
         raise ValueError("objective.row_weights=scope needs the teacher's log-probs (model.teacher)")
-    correct = upcast(rewards) >= correct_threshold
-    teacher_mean = mean_response_logprob(teacher_logprobs, response_mask)
-    student_mean = mean_response_logprob(sampler_logprobs, response_mask)
-    w_tea = group_softmax_weights(teacher_mean / temperature, ~correct, group_size)
-    w_stu = group_softmax_weights(-student_mean / temperature, correct, group_size)
+    correct = upcast(batch.rewards) >= correct_threshold
+    teacher_mean = mean_response_logprob(batch.teacher_logprobs, batch.response_mask)
+    student_mean = mean_response_logprob(batch.sampler_logprobs, batch.response_mask)
+    temperature, size = cfg.scope_temperature, batch.group_size
+    w_tea = group_softmax_weights(teacher_mean / temperature, ~correct, size)
+    w_stu = group_softmax_weights(-student_mean / temperature, correct, size)
     return w_tea, w_stu
 
 
@@ -160,19 +159,17 @@ ROW_WEIGHTS: dict[str, RowWeightFn] = {"none": row_weights_none, "scope": row_we
 
 # --------------------------------------------------------------------------- token selection for the KD term
 
-TokenSelectionFn = Callable[[Tensor, Optional[Tensor], Tensor, float], Tensor]
+TokenSelectionFn = Callable[[TrainBatch, Tensor, ObjectiveConfig], Tensor]
 TIP_ENTROPY_PERCENTILE = 0.98  # ĥ is clipped at this quantile of the batch's entropies (METHODS.md §6)
 
 
-def select_all_tokens(response_mask: Tensor, sampler_entropy: Optional[Tensor], divergence: Tensor,
-                      keep_fraction: float) -> Tensor:
+def select_all_tokens(batch: TrainBatch, divergence: Tensor, cfg: ObjectiveConfig) -> Tensor:
     """Every response token carries the KD term."""
-    return upcast(response_mask)
+    return upcast(batch.response_mask)
 
 
-def select_tip_tokens(response_mask: Tensor, sampler_entropy: Optional[Tensor], divergence: Tensor,
-                      keep_fraction: float) -> Tensor:
-    """TIP (METHODS.md §6): keep the top ``keep_fraction`` of the batch's response tokens by
+def select_tip_tokens(batch: TrainBatch, divergence: Tensor, cfg: ObjectiveConfig) -> Tensor:
+    """TIP (METHODS.md §6): keep the top ``tip_keep_fraction`` of the batch's response tokens by
     (1 − ĥ_t)·δ_t, "overconfident and wrong" tokens: ĥ_t = min(H_t, H_98) / H_98 with H the
     sampler's entropy and H_98 its 98th percentile over the batch's tokens; δ_t ≥ 0 the per-token
     divergence given by the caller. The count kept is ceil(fraction · tokens); ties are broken
@@ -180,14 +177,15 @@ def select_tip_tokens(response_mask: Tensor, sampler_entropy: Optional[Tensor], 
     ``token_mean`` the KD term is the mean over the kept tokens (assumption: TIP trains on the
     kept tokens only; the scale keeps β comparable to unselected KD).
     """
-    if sampler_entropy is None:
+    if batch.sampler_entropy is None:
         raise ValueError("objective.kd_token_selection=tip needs the sampler's entropy (rollouts.sampler_entropy)")
-    mask = upcast(response_mask)
+    keep_fraction = cfg.tip_keep_fraction
+    mask = upcast(batch.response_mask)
     valid = mask > 0
     total = int(valid.sum())
     if total == 0:
         return mask
-    entropy = upcast(sampler_entropy)[valid]
+    entropy = upcast(batch.sampler_entropy)[valid]
     ceiling = torch.quantile(entropy, TIP_ENTROPY_PERCENTILE)
     normalised = (entropy.clamp(max=ceiling) / ceiling) if ceiling > 0 else torch.zeros_like(entropy)
     score = (1.0 - normalised) * upcast(divergence)[valid]

@@ -8,35 +8,25 @@ response string (never raises, never runs model text as code, never hangs).
     r = reward(problem, response_text)
     reward_stats()  # {"timeouts": ..., "user_errors": ..., ...}
 
-See ``kdrl.rewards.verifiers`` for how the math-verification time limit works in the
-main thread (SIGALRM interval timer) and in other threads (worker subprocesses).
+By concern: ``extract`` (the last boxed answer), ``mathcheck`` (math-verify under an alarm),
+``timelimit`` (where a verification runs so its limit holds: the alarm, worker subprocesses),
+``builtin`` (math, exact, format), ``user`` (``module:function`` rewards), ``registry`` (names,
+weighted sums, ``reward.functions`` specs), ``stats`` (counters).
 """
-from kdrl.rewards.verifiers import (
-    DEFAULT_TIMEOUT_S,
-    END_MARKERS,
-    MAX_ANSWER_CHARS,
-    REWARDS,
-    ProblemLike,
-    RewardFn,
-    UserReward,
-    combine_rewards,
-    exact_match_reward,
-    extract_last_boxed,
-    format_reward,
-    get_reward,
-    load_reward,
-    math_reward,
-    register_reward,
-    reset_reward_stats,
-    reward_stats,
-    shutdown_verifier_workers,
-)
+from kdrl.rewards.builtin import END_MARKERS, exact_match_reward, format_reward, math_reward
+from kdrl.rewards.extract import extract_last_boxed
+from kdrl.rewards.registry import REWARDS, combine_rewards, get_reward, parse_reward_specs, register_reward
+from kdrl.rewards.stats import reset_reward_stats, reward_stats
+from kdrl.rewards.timelimit import shutdown_verifier_workers
+from kdrl.rewards.types import DEFAULT_TIMEOUT_S, MAX_ANSWER_CHARS, ProblemLike, RewardFn
+from kdrl.rewards.user import RewardError, UserReward, load_reward
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
     "END_MARKERS",
     "MAX_ANSWER_CHARS",
     "REWARDS",
+    "RewardError",
     "ProblemLike",
     "RewardFn",
     "UserReward",
@@ -47,6 +37,7 @@ __all__ = [
     "get_reward",
     "load_reward",
     "math_reward",
+    "parse_reward_specs",
     "register_reward",
     "reset_reward_stats",
     "reward_stats",

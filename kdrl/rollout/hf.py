@@ -17,6 +17,7 @@ import torch
 from kdrl.distributed import gathered_for_generation
 from kdrl.models import position_ids_from_mask, unwrap
 from kdrl.rollout import SamplingParams
+from kdrl.rollout.rows import left_pad
 from kdrl.types import Problem, Rollouts
 
 
@@ -38,18 +39,13 @@ class HFRolloutEngine:
         self.generation_batch_size = generation_batch_size
 
     @torch.no_grad()
-    def generate(self, problems: list[Problem], n: int, sampling: SamplingParams,
+    def generate(self, problems: list[Problem], n: int, sampling: SamplingParams, step: int = 0,
                  prompt_suffixes: Optional[list[str]] = None) -> Rollouts:
         device = next(self.model.parameters()).device
         suffixes = prompt_suffixes or [""] * len(problems)
         prompts = [self.encode(problem, suffix) for problem, suffix in zip(problems, suffixes)]
-        width = max(len(ids) for ids in prompts)
         pad_id = self.tokenizer.pad_token_id
-        group_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-        group_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, ids in enumerate(prompts):
-            group_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-            group_mask[row, width - len(ids):] = 1
+        group_ids, group_mask = left_pad(prompts, pad_id)
         prompt_ids, prompt_mask = group_ids.repeat_interleave(n, 0), group_mask.repeat_interleave(n, 0)
 
         decoder = TokenSampler(sampling, eos_token_ids(self.tokenizer.eos_token_id), pad_id)
@@ -81,6 +77,9 @@ class HFRolloutEngine:
                         response_ids=response_ids, response_mask=response_mask, sampler_logprobs=sampler_logprobs,
                         response_texts=texts, truncated=truncated, sources=["policy"] * len(prompt_ids),
                         sampler_entropy=sampler_entropy)
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        """Nothing to copy: the loop runs the live student."""
 
 
 class TokenSampler:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 SPLITS = ("train", "test_id", "test_ood")
+TASK = "chains"  # metadata["task"] of generated problems: picks the process metric (kdrl.tasks)
 
 _SPLIT_SALT = {"train": 1, "test_id": 2, "test_ood": 3}
 
@@ -125,7 +126,7 @@ def generate_problems(
 ) -> list[dict]:
     """``n`` distinct problems of one split, deterministic from ``seed``.
 
-    Each is ``{"id", "prompt", "answer", "solution", "metadata": {"steps", "split"}}``.
+    Each is ``{"id", "prompt", "answer", "solution", "metadata": {"steps", "split", "task", "modulus"}}``.
     The number of operations is uniform over the split's step range.  Problems
     are distinct within a split as long as enough exist (short chains have few
     distinct prompts; once a step count is exhausted it is sampled with repeats).
@@ -158,7 +159,7 @@ def generate_problems(
                 "prompt": prompt,
                 "answer": answer,
                 "solution": solution,
-                "metadata": {"steps": steps, "split": split},
+                "metadata": {"steps": steps, "split": split, "task": TASK, "modulus": cfg.modulus},
             }
         )
     return problems
@@ -209,3 +210,25 @@ def is_correct(problem: dict, response: str) -> bool:
     """True when the last boxed answer of ``response`` equals ``problem["answer"]``."""
     got = extract_boxed(response)
     return got is not None and got.strip() == str(problem["answer"]).strip()
+
+
+_STEP_RE = re.compile(r"(\d+)\s*([+\-*])\s*(\d+)\s*=\s*(\d+)")
+
+
+def chain_steps(text: str) -> list[tuple[int, str, int, int]]:
+    """The ``a op b = c`` steps written in ``text``, in order, as numbers."""
+    return [(int(a), op, int(b), int(c)) for a, op, b, c in _STEP_RE.findall(text)]
+
+
+def chain_correct(problem, response: str) -> bool:
+    """The process-level metric: the last boxed answer is right AND the steps written before it are
+    exactly the reference chain (every intermediate result right, none missing, none extra).
+
+    ``problem``: a kdrl ``Problem`` (``prompt``, ``answer``, ``metadata["modulus"]``, default 10).
+    """
+    got = extract_boxed(response)
+    if got is None or got.strip() != str(problem.answer).strip():
+        return False
+    modulus = int(problem.metadata.get("modulus", 10))
+    reference, _ = solve(problem.prompt, modulus)
+    return chain_steps(response[:response.rfind("\\boxed{")]) == chain_steps(reference)

@@ -10,7 +10,7 @@ INITIAL student, scores every response token with the teacher, and writes
                                data file, the sampling settings, the problem ids
 
 Training with ``teacher_cache.path=DIR`` loads no teacher: the cache replays the stored
-responses (``CachedRolloutEngine``) and their teacher log-probs (``CachedTeacher``). A cache
+responses (``kdrl.rollout.sources.CachedRollouts``) and their teacher log-probs (``CachedTeacher``). A cache
 whose manifest does not match the run is refused, naming the field that differs.
 """
 from __future__ import annotations
@@ -21,11 +21,16 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from kdrl.config import Config, ConfigError
-from kdrl.data import resolve_data_path
-from kdrl.models import resolve_model_path
-from kdrl.rollout import SamplingParams
+from kdrl.data import PromptSampler, load_problems, make_encoder, resolve_data_path
+from kdrl.models import (check_tokenizers_compatible, load_model, load_tokenizer, pick_device, resolve_model_path,
+                         seed_everything, set_cpu_threads)
+from kdrl.rollout import SamplingParams, make_engine
+from kdrl.rollout.rows import pack, unpack
+from kdrl.teachers.base import Teacher
+from kdrl.teachers.local import make_scorer
 from kdrl.types import Problem, Rollouts, TeacherOutput
 
 ROLLOUTS_FILE = "rollouts.safetensors"
@@ -94,15 +99,6 @@ def mismatches(recorded: dict[str, Any], expected: dict[str, Any], prefix: str =
 
 def build_teacher_cache(config: Config, out: Optional[str] = None) -> Path:
     """Sample, score and write the cache (``kdrl cache-teacher``); returns its directory."""
-    from safetensors.torch import save_file
-
-    from kdrl.data import PromptSampler, load_problems
-    from kdrl.methods.rows import pack, unpack
-    from kdrl.models import check_tokenizers_compatible, load_model, load_tokenizer, pick_device
-    from kdrl.rollout import make_engine
-    from kdrl.teachers import LocalTeacher
-    from kdrl.trainer import make_encoder, seed_everything, set_cpu_threads
-
     target = out or config.teacher_cache.path
     if not target:
         raise ConfigError("teacher_cache.path: give the cache directory (--out DIR or teacher_cache.path=DIR)")
@@ -124,8 +120,7 @@ def build_teacher_cache(config: Config, out: Optional[str] = None) -> Path:
     engine = make_engine(config.rollout.engine, model=student, tokenizer=tokenizer,
                          encode=make_encoder(tokenizer, config, config.data.max_prompt_tokens),
                          generation_batch_size=config.rollout.generation_batch_size)
-    scorer = LocalTeacher(teacher, config.train.micro_batch_size, config.objective.chunk_size,
-                          config.rollout.temperature)
+    scorer = make_scorer(teacher, config)
     sampling = SamplingParams(config.rollout.temperature, config.rollout.top_p, config.rollout.max_new_tokens)
     size = config.rollout.group_size
     per_call = max(1, config.rollout.generation_batch_size // size)
@@ -170,8 +165,6 @@ class TeacherCache:
 
 def load_teacher_cache(config: Config, train_problems: list[Problem], tokenizer: Any) -> TeacherCache:
     """The cache at ``teacher_cache.path``, refused with a one-line error if missing or not this run's."""
-    from safetensors.torch import load_file
-
     path = config.teacher_cache.path
     folder = Path(path)
     command = build_command(config, path)
@@ -202,43 +195,11 @@ def load_teacher_cache(config: Config, train_problems: list[Problem], tokenizer:
                         texts, config.teacher_cache.old_logprobs == "recompute")
 
 
-class CachedRolloutEngine:
-    """Replays the cached responses of the asked problems (their groups, in cache order).
-
-    ``old_scorer``: recompute log pi_old with the current student (``old_logprobs=recompute``);
-    None keeps the initial student's stored log-probs.
-    """
-
-    def __init__(self, cache: TeacherCache, old_scorer: Optional[Any] = None):
-        self.cache, self.old_scorer = cache, old_scorer
-
-    def generate(self, problems: list[Problem], n: int, sampling: SamplingParams, step: int = 0,
-                 prompt_suffixes: Optional[list[str]] = None) -> Rollouts:
-        if n != self.cache.group_size or any(prompt_suffixes or []):
-            raise ValueError("the teacher cache replays its own groups: no other group size, no prompt suffix")
-        rows = self.cache.rows_of(problems)
-        t = {name: value[rows] for name, value in self.cache.tensors.items()}
-        prompt_width = int(t["prompt_mask"].sum(1).max())
-        length = max(1, int(t["response_mask"].sum(1).max()))
-        rollouts = Rollouts(problems=list(problems), group_size=n, prompt_ids=t["prompt_ids"][:, -prompt_width:],
-                            prompt_mask=t["prompt_mask"][:, -prompt_width:],
-                            response_ids=t["response_ids"][:, :length], response_mask=t["response_mask"][:, :length],
-                            sampler_logprobs=t["sampler_logprobs"][:, :length],
-                            response_texts=[self.cache.texts[b] for b in rows.tolist()], truncated=t["truncated"],
-                            sources=["cache"] * len(rows))
-        if self.old_scorer is not None:
-            rollouts.sampler_logprobs = self.old_scorer.score(rollouts).token_logprobs
-        return rollouts
-
-
-class CachedTeacher:
+class CachedTeacher(Teacher):
     """The teacher's stored log-probs of the replayed rows; no model is loaded."""
 
     def __init__(self, cache: TeacherCache):
         self.cache = cache
-
-    def after_update(self) -> None:
-        """Nothing to follow: this teacher is fixed (kdrl.teachers.Teacher protocol)."""
 
     def score(self, rollouts: Rollouts, need_hidden: bool = False) -> TeacherOutput:
         if need_hidden:

@@ -1,23 +1,17 @@
-"""Teachers: who scores the student's tokens. ``Teacher.score(rollouts) -> TeacherOutput``."""
+"""A frozen causal LM on this process: the teacher, the reference, or the student scoring its own rows."""
 from __future__ import annotations
-
-from typing import Protocol
 
 import torch
 
 from kdrl.batching import length_buckets, response_lengths
+from kdrl.config import Config
 from kdrl.models import logit_scale, output_projection, response_hidden_states, token_logprobs_from_hidden
+from kdrl.teachers.base import Teacher
 from kdrl.types import Rollouts, TeacherOutput
 
 
-class Teacher(Protocol):
-    def score(self, rollouts: Rollouts, need_hidden: bool = False) -> TeacherOutput: ...
-
-    def after_update(self) -> None: ...  # called after every optimizer step (an EMA teacher follows it)
-
-
-class LocalTeacher:
-    """A frozen causal LM on this process, reading the same prompt and response tokens as the student."""
+class LocalTeacher(Teacher):
+    """Reads the same prompt and response tokens as the student; no gradient."""
 
     def __init__(self, model: torch.nn.Module, micro_batch_size: int = 64, chunk_size: int = 1024,
                  temperature: float = 1.0):
@@ -49,7 +43,12 @@ class LocalTeacher:
                     hiddens = hidden.new_zeros(*rollouts.response_ids.shape, hidden.shape[-1])
                 hiddens[rows.to(device), :length] = hidden * scale if scale != 1.0 else hidden
         return TeacherOutput(token_logprobs=token_logprobs * rollouts.response_mask, hidden_states=hiddens,
-                             output_weight=weight if need_hidden else None)
+                             output_weight=weight if need_hidden else None,
+                             output_bias=(bias * scale if scale != 1.0 else bias) if need_hidden and bias is not None
+                             else None)
 
-    def after_update(self) -> None:
-        """A frozen teacher does not change."""
+
+def make_scorer(model: torch.nn.Module, config: Config) -> LocalTeacher:
+    """The scorer of ``model`` with the run's micro-batch, chunk size and sampling temperature."""
+    return LocalTeacher(model, config.train.micro_batch_size, config.objective.chunk_size,
+                        config.rollout.temperature)

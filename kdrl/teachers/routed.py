@@ -12,7 +12,10 @@ from typing import Any, Optional
 import torch
 
 from kdrl.config import Config, ConfigError, TeacherRoute
-from kdrl.methods.rows import subset
+from kdrl.models import check_tokenizers_compatible, load_model, load_tokenizer
+from kdrl.rollout.rows import subset
+from kdrl.teachers.base import Teacher
+from kdrl.teachers.local import make_scorer
 from kdrl.types import Problem, Rollouts, TeacherOutput
 
 CATCH_ALL = "*"
@@ -35,40 +38,37 @@ def pick_route(problem: Problem, field: str, routes: list[TeacherRoute]) -> int:
                       f"no '{CATCH_ALL}' route")
 
 
-class RoutedTeacher:
-    """Scores each row with its problem's teacher and reports the route's β per row (``kd_coef``)."""
+class RoutedTeacher(Teacher):
+    """Scores each row with its problem's teacher; ``kd_coef_of`` gives the objective each row's β."""
 
     def __init__(self, scorers: dict[str, Any], route_teacher: list[str], route_beta: list[float], field: str,
                  routes: list[TeacherRoute]):
         self.scorers, self.route_teacher, self.route_beta = scorers, route_teacher, route_beta
         self.field, self.routes = field, routes
 
-    def after_update(self) -> None:
-        """Nothing to follow: this teacher is fixed (kdrl.teachers.Teacher protocol)."""
+    def kd_coef_of(self, problems: list[Problem]) -> torch.Tensor:
+        """[B] the β multiplier of each row's route (``Objective(kd_coef_of=...)``)."""
+        return torch.tensor([self.route_beta[pick_route(problem, self.field, self.routes)] for problem in problems])
 
     def score(self, rollouts: Rollouts, need_hidden: bool = False) -> TeacherOutput:
-        route = torch.tensor([pick_route(rollouts.problems[b // rollouts.group_size], self.field, self.routes)
-                              for b in range(rollouts.num_rows)])
-        names = [self.route_teacher[int(r)] for r in route]
+        names = [self.route_teacher[pick_route(problem, self.field, self.routes)]
+                 for problem in rollouts.row_problems()]
         if need_hidden and len(set(names)) > 1:
             raise ValueError("full-vocabulary KD with several teachers: their hidden states need one output layer")
         logprobs = torch.zeros_like(rollouts.sampler_logprobs)
-        hidden, weight = None, None
+        hidden, weight, bias = None, None, None
         for name in sorted(set(names)):
             rows = torch.tensor([b for b, n in enumerate(names) if n == name])
             out = self.scorers[name].score(subset(rollouts, rows), need_hidden=need_hidden)
             logprobs[rows] = out.token_logprobs.to(logprobs.dtype)
-            hidden, weight = out.hidden_states, out.output_weight  # one teacher when needed (checked above)
-        kd_coef = torch.tensor([self.route_beta[int(r)] for r in route])
-        return TeacherOutput(token_logprobs=logprobs, hidden_states=hidden, output_weight=weight, kd_coef=kd_coef)
+            # one teacher when needed (checked above)
+            hidden, weight, bias = out.hidden_states, out.output_weight, out.output_bias
+        return TeacherOutput(token_logprobs=logprobs, hidden_states=hidden, output_weight=weight, output_bias=bias)
 
 
 def load_routed_teachers(config: Config, tokenizer: Any, student: torch.nn.Module, problems: list[Problem],
                          device: torch.device, needs_hidden: bool) -> Optional[RoutedTeacher]:
     """The routed teachers of ``teachers.routes`` (None when no routes are set), checked on ``problems``."""
-    from kdrl.models import check_tokenizers_compatible, load_model, load_tokenizer
-    from kdrl.teachers import LocalTeacher
-
     options = config.teachers
     if not options.routes:
         return None
@@ -86,6 +86,5 @@ def load_routed_teachers(config: Config, tokenizer: Any, student: torch.nn.Modul
         model = load_model(name, config.model, device, trainable=False)
         check_tokenizers_compatible(tokenizer, load_tokenizer(name, config.model.trust_remote_code),
                                     f"teacher '{name}'", student, model)
-        scorers[name] = LocalTeacher(model, config.train.micro_batch_size, config.objective.chunk_size,
-                                     config.rollout.temperature)
+        scorers[name] = make_scorer(model, config)
     return RoutedTeacher(scorers, names, [route.beta for route in options.routes], options.route_by, options.routes)

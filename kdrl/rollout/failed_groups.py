@@ -13,8 +13,13 @@ Two methods rescue it (METHODS.md §6):
   one that the verifier rejects, or that is longer than rollout.max_new_tokens, is skipped.
   With fewer verified solutions than k, they are used in turn (assumption).
 
-``action(rollouts, rewards, sampling) -> (rollouts, rewards, metrics)``; the rows of groups
+``action(rollouts, rewards, sampling, step) -> (rollouts, rewards, metrics)``; the rows of groups
 that did not fail are never touched.
+
+Under torchrun the student's generate and forward are FSDP collectives: every rank must make the
+same calls, whether or not it has a failed group. ``any_rank(flag)`` (True on some rank) decides
+each call for all ranks together; a rank with nothing to do makes the call on a stand-in and drops
+the result.
 """
 from __future__ import annotations
 
@@ -22,13 +27,21 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from kdrl.config import Config
 from kdrl.data import DataError, read_jsonl, resolve_data_path
-from kdrl.methods.rows import Row, pack, subset, unpack
 from kdrl.rollout import SamplingParams
+from kdrl.rollout.rows import Row, pack, score_rewards, unpack
 from kdrl.types import Problem, Rollouts
 
 Tensor = torch.Tensor
-FailedGroupAction = Callable[[Rollouts, Tensor, SamplingParams], tuple[Rollouts, Tensor, dict[str, float]]]
+# action(rollouts, rewards, sampling, step) -> (rollouts, rewards, metrics)
+FailedGroupAction = Callable[..., tuple[Rollouts, Tensor, dict[str, float]]]
+AnyRank = Callable[[bool], bool]
+
+
+def this_rank_only(flag: bool) -> bool:
+    """``any_rank`` of one process."""
+    return flag
 
 
 def all_failed_groups(rewards: Tensor, group_size: int, correct_threshold: float) -> list[int]:
@@ -37,12 +50,7 @@ def all_failed_groups(rewards: Tensor, group_size: int, correct_threshold: float
     return [int(g) for g in torch.nonzero(~correct.any(1)).flatten()]
 
 
-def score(reward_fn: Any, rollouts: Rollouts) -> Tensor:
-    return torch.tensor([float(reward_fn(rollouts.problems[b // rollouts.group_size], rollouts.response_texts[b]))
-                         for b in range(rollouts.num_rows)])
-
-
-def no_action(rollouts: Rollouts, rewards: Tensor, sampling: SamplingParams):
+def no_action(rollouts: Rollouts, rewards: Tensor, sampling: SamplingParams, step: int = 0):
     return rollouts, rewards, {}
 
 
@@ -57,23 +65,27 @@ class HintResampler:
     """GHPO: resample all-failed groups with a growing hint (see the module docstring)."""
 
     def __init__(self, engine: Any, reward_fn: Any, fractions: list[float], template: str,
-                 correct_threshold: float, pad_id: int):
+                 correct_threshold: float, pad_id: int, any_rank: AnyRank = this_rank_only):
         self.engine, self.reward_fn, self.fractions = engine, reward_fn, sorted(fractions)
         self.template, self.correct_threshold, self.pad_id = template, correct_threshold, pad_id
+        self.any_rank = any_rank
 
-    def __call__(self, rollouts: Rollouts, rewards: Tensor, sampling: SamplingParams):
+    def __call__(self, rollouts: Rollouts, rewards: Tensor, sampling: SamplingParams, step: int = 0):
         size = rollouts.group_size
         failed = all_failed_groups(rewards, size, self.correct_threshold)
         pending = [g for g in failed if rollouts.problems[g].solution]
         levels = [0.0] * len(rollouts.problems)  # hint fraction that rescued each group (0: none)
         rows, rewards = unpack(rollouts), rewards.clone()
         for fraction in self.fractions:
-            if not pending:
+            if not self.any_rank(bool(pending)):  # the same decision on every rank
                 break
+            if not pending:  # another rank generates: so must this one (a stand-in group, dropped)
+                self.engine.generate(rollouts.problems[:1], size, sampling, step=step)
+                continue
             problems = [rollouts.problems[g] for g in pending]
-            hinted = self.engine.generate(problems, size, sampling, prompt_suffixes=[
+            hinted = self.engine.generate(problems, size, sampling, step=step, prompt_suffixes=[
                 hint_text(p.solution, fraction, self.template) for p in problems])
-            hinted_rewards, hinted_rows = score(self.reward_fn, hinted), unpack(hinted)
+            hinted_rewards, hinted_rows = score_rewards(self.reward_fn, hinted), unpack(hinted)
             still = []
             for j, g in enumerate(pending):
                 block = hinted_rewards[j * size:(j + 1) * size]
@@ -110,7 +122,9 @@ class TeacherSolutionReplacer:
     """AMPO: the last ``k`` rows of each all-failed group become verified teacher solutions."""
 
     def __init__(self, k: int, solution_pools: dict[str, list[str]], solutions_from_data: bool, reward_fn: Any,
-                 tokenizer: Any, student_scorer: Any, correct_threshold: float, max_new_tokens: int):
+                 tokenizer: Any, student_scorer: Any, correct_threshold: float, max_new_tokens: int,
+                 any_rank: AnyRank = this_rank_only):
+        self.any_rank = any_rank
         self.k, self.pools, self.from_data = k, solution_pools, solutions_from_data
         self.reward_fn, self.tokenizer, self.student_scorer = reward_fn, tokenizer, student_scorer
         self.correct_threshold, self.max_new_tokens = correct_threshold, max_new_tokens
@@ -129,7 +143,8 @@ class TeacherSolutionReplacer:
             self._verified[problem.id] = kept
         return self._verified[problem.id]
 
-    def __call__(self, rollouts: Rollouts, rewards: Tensor, sampling: Optional[SamplingParams] = None):
+    def __call__(self, rollouts: Rollouts, rewards: Tensor, sampling: Optional[SamplingParams] = None,
+                 step: int = 0):
         size = rollouts.group_size
         failed = all_failed_groups(rewards, size, self.correct_threshold)
         rows, rewards, replaced = unpack(rollouts), rewards.clone(), []
@@ -144,29 +159,33 @@ class TeacherSolutionReplacer:
                 replaced.append(b)
         metrics = {"failed_group_fraction": len(failed) / len(rollouts.problems),
                    "teacher_row_fraction": len(replaced) / rollouts.num_rows}
-        if not replaced:
+        if not self.any_rank(bool(replaced)):  # the same decision on every rank
             return rollouts, rewards, metrics
         packed = pack(rows, rollouts.problems, size, self.tokenizer.pad_token_id)
         # log pi_old of a teacher row: the current student's (ratio 1 at the first update when
-        # offpolicy_pg=none; unused by the shaped term)
+        # offpolicy_pg=none; unused by the shaped term). Every rank scores all its rows, so the
+        # ranks make the same number of forward passes whoever replaced how many.
+        current = self.student_scorer.score(packed).token_logprobs
+        if not replaced:
+            return rollouts, rewards, metrics
         index = torch.tensor(replaced)
-        current = self.student_scorer.score(subset(packed, index)).token_logprobs
-        packed.sampler_logprobs[index] = current.to(packed.sampler_logprobs.dtype)
+        packed.sampler_logprobs[index] = current[index].to(packed.sampler_logprobs.dtype)
         return packed, rewards, metrics
 
 
 # --------------------------------------------------------------------------- registry
 
-def make_failed_group_action(config: Any, engine: Any, reward_fn: Any, tokenizer: Any, student_scorer: Any,
-                             solution_pools: Optional[dict[str, list[str]]] = None) -> FailedGroupAction:
+def make_failed_group_action(config: Config, engine: Any, reward_fn: Any, tokenizer: Any, student_scorer: Any,
+                             solution_pools: Optional[dict[str, list[str]]] = None,
+                             any_rank: AnyRank = this_rank_only) -> FailedGroupAction:
     options = config.failed_groups
     threshold = config.reward.correct_threshold
     actions: dict[str, Callable[[], FailedGroupAction]] = {
         "none": lambda: no_action,
         "hint": lambda: HintResampler(engine, reward_fn, options.hint_fractions, options.hint_template, threshold,
-                                      tokenizer.pad_token_id),
+                                      tokenizer.pad_token_id, any_rank),
         "teacher_solutions": lambda: TeacherSolutionReplacer(
             options.replace, solution_pools or {}, options.solutions_from_data, reward_fn, tokenizer,
-            student_scorer, threshold, config.rollout.max_new_tokens),
+            student_scorer, threshold, config.rollout.max_new_tokens, any_rank),
     }
     return actions[options.action]()
