@@ -288,7 +288,7 @@ def phases_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def profile(config: str, top: int) -> None:
+def profile(config: str, top: int, steps: int = 3) -> None:
     """kdrl's steps on one configuration under cProfile: per-phase seconds and the top functions."""
     import cProfile
     import pstats
@@ -300,7 +300,7 @@ def profile(config: str, top: int) -> None:
         paths = build_assets(Path(tmp), config)
         profiler = cProfile.Profile()
         profiler.enable()
-        _, phases = run_kdrl(spec, paths, Path(tmp), spec["warmup"] + spec["steps"])
+        _, phases = run_kdrl(spec, paths, Path(tmp), spec["warmup"] + steps)
         profiler.disable()
     measured = phases[spec["warmup"]:]
     print(f"{config}: {torch.get_num_threads()} threads; kdrl phases per step (under the profiler):",
