@@ -263,9 +263,8 @@ class TrainConfig:
     updates_per_batch: int = 1  # optimizer steps per rollout batch (>1 makes later ones off-policy)
     seed: int = 0
     device: str = "auto"  # auto: cuda if available, else cpu
-    # CPU threads for torch; 0 = auto: 1 thread for models under 50M parameters (multi-threaded
-    # matmuls of tiny matrices are far slower than one thread: measured ~7x per step on the bundled
-    # models), torch's default otherwise.
+    # CPU threads for torch; 0 = auto: the fastest of 1, 2, 4, ... and torch's default on a short
+    # forward probe of the student at start-up (kdrl.cpu_threads), so never more than the default.
     cpu_threads: int = 0
     max_nonfinite_skips: int = 5  # stop after this many consecutive non-finite steps
 

@@ -24,6 +24,7 @@ from typing import Any, Optional
 import torch
 
 from kdrl import checkpoint as ckpt
+from kdrl.batching import micro_batches
 from kdrl.build import Run, build
 from kdrl.config import Config
 from kdrl.distributed import (MaxOverRanks, SumOverRanks, full_model_state, full_optimizer_state, grad_norm_value,
@@ -94,8 +95,9 @@ def update(run: Run, batch: TrainBatch) -> dict[str, float]:
         run.optimizer.zero_grad(set_to_none=True)
         metrics: dict[str, float] = {}
         loss_finite = True
-        for micro_rows in torch.arange(minibatch.num_rows).split(train.micro_batch_size):
-            micro = minibatch.rows(micro_rows).to(run.device)
+        # rows of similar length together, each micro-batch cut to its longest response (kdrl.batching)
+        for micro in micro_batches(minibatch, torch.arange(minibatch.num_rows), train.micro_batch_size):
+            micro = micro.to(run.device)
             loss, micro_metrics = run.objective.loss(micro, student_forward(run, micro), off_policy=update_index > 0)
             loss_finite = loss_finite and math.isfinite(float(loss.detach()))
             loss.backward()
