@@ -10,6 +10,8 @@ Everything a user can get wrong is checked before the run directory is written.
 from __future__ import annotations
 
 import math
+import os
+import shutil
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -26,7 +28,7 @@ from kdrl.models import (ModelError, check_tokenizers_compatible, context_length
                          seed_everything, set_cpu_threads)
 from kdrl.objective import Objective, objective_inputs
 from kdrl.rewards import combine_rewards, parse_reward_specs
-from kdrl.rollout import RolloutEngine, make_engine
+from kdrl.rollout import RolloutEngine, engine_options, make_engine
 from kdrl.rollout.failed_groups import FailedGroupAction, load_solution_files, make_failed_group_action
 from kdrl.rollout.sources import CachedRollouts, DatasetResponses, RolloutSource, batch_writers
 from kdrl.teachers import LocalTeacher, Teacher, make_scorer
@@ -120,7 +122,29 @@ def lr_lambda(config: Config):
     return factor
 
 
-def build(config: Config, resume: Optional[str | Path] = None) -> Run:
+RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints", "final")  # what marks a run
+
+
+def holds_a_run(run_dir: Path) -> bool:
+    return any((run_dir / name).exists() or (run_dir / name).is_symlink() for name in RUN_FILES)
+
+
+def check_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """A fresh run gets a directory of its own: never one that holds another run (its metrics would
+    mix, its checkpoints be pruned, ``final`` point at the old weights) unless ``overwrite`` says to
+    clear it; never a file; never one that cannot be created."""
+    if (run_dir.exists() or run_dir.is_symlink()) and not run_dir.is_dir():
+        raise ConfigError(f"log.run_dir={run_dir}: is a file, not a directory; choose another log.run_dir")
+    if run_dir.is_dir() and holds_a_run(run_dir) and not overwrite:
+        raise ConfigError(f"log.run_dir={run_dir}: already holds a run; continue it with `kdrl train --resume "
+                          f"{run_dir}`, choose a new log.run_dir, or pass --overwrite to clear it first")
+    ancestor = run_dir if run_dir.is_dir() else next((p for p in run_dir.parents if p.is_dir()), Path("."))
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ConfigError(f"log.run_dir={run_dir}: cannot be written ({ancestor} is read-only for this user)")
+
+
+def build(config: Config, resume: Optional[str | Path] = None, overwrite: bool = False) -> Run:
+    """``overwrite``: a fresh run may clear a ``log.run_dir`` that holds another run (``--overwrite``)."""
     info, device = init_distributed(config.train.device)  # torchrun: one process per device
     if config.rollout.prompts_per_step % info.world_size:
         raise ConfigError(f"rollout.prompts_per_step={config.rollout.prompts_per_step} must be a multiple of the "
@@ -129,6 +153,8 @@ def build(config: Config, resume: Optional[str | Path] = None) -> Run:
     previous = find_checkpoint(resume)
     run_dir = Path(resume) if resume is not None else \
         Path(info.broadcast_object(str(config.log.run_dir or default_run_dir(config))))
+    if resume is None:
+        check_run_dir(run_dir, overwrite)
 
     tokenizer = load_tokenizer(config.model.student, config.model.trust_remote_code)
     train_problems = load_problems(config.data.train, config.data.prompt_field, config.data.answer_field,
@@ -138,6 +164,8 @@ def build(config: Config, resume: Optional[str | Path] = None) -> Run:
         reward_fn = combine_rewards(parse_reward_specs(config.reward.functions), config.reward.timeout_s)
     except (ValueError, TypeError) as error:  # unknown name, unimportable module:function
         raise ConfigError(f"reward.functions: {error}") from None
+    probe = train_problems[0]
+    reward_fn(probe, probe.solution or "")  # a user reward that returns no number fails here, before any writing
 
     student = shard_model(load_student(config, device, previous), info)  # FSDP2 over the processes (no-op on one)
     teacher = load_frozen(config, "teacher", tokenizer, student, device) if needs_teacher_model(config) else None
@@ -174,10 +202,18 @@ def build(config: Config, resume: Optional[str | Path] = None) -> Run:
                                         len(train_problems))
 
     if info.is_main:  # everything is checked: now the run directory is written, once
+        if previous is None and overwrite and run_dir.is_dir() and holds_a_run(run_dir):
+            shutil.rmtree(run_dir)  # --overwrite: the other run is cleared, not mixed with this one
+        created = not run_dir.exists()
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, run_dir / "config.yaml")
-        if previous is not None:
-            truncate_metrics(run_dir, step)
+        try:
+            save_config(config, run_dir / "config.yaml")
+        except OSError:  # a full disk or a read-only directory: leave no empty run directory behind
+            if created:
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
+        if previous is not None:  # a resumed run at its last step evaluates again: drop that evaluation
+            truncate_metrics(run_dir, step, final_step=config.train.steps)
     info.barrier()
     logger = MetricsLogger(run_dir, config.log, config.train.steps, initial_step=step, run_config=to_dict(config),
                            enabled=info.is_main)
@@ -277,7 +313,8 @@ def check_prompts(encode: Any, sources: list[tuple[str, list[Problem]]]) -> None
 def engine_for(model: torch.nn.Module, config: Config, tokenizer: Any, encode: Any) -> RolloutEngine:
     """The ``rollout.engine`` that samples from ``model`` (the student, or the teacher writing batches)."""
     return make_engine(config.rollout.engine, model=model, tokenizer=tokenizer, encode=encode,
-                       generation_batch_size=config.rollout.generation_batch_size)
+                       generation_batch_size=config.rollout.generation_batch_size,
+                       **engine_options(config.rollout.engine, config.rollout.vllm, config.train.seed))
 
 
 def make_rollout_source(config: Config, student_engine: RolloutEngine, teacher: Optional[torch.nn.Module],
@@ -307,7 +344,7 @@ def make_teacher_scorer(config: Config, cache: Optional[TeacherCache], routed: O
         initial = load_model(config.model.student, config.model, device, trainable=False) \
             if config.self_teacher.mode == "frozen" else None
         scorer = SelfTeacher(config.self_teacher, student, initial, encode, tokenizer.pad_token_id,
-                             config.train.micro_batch_size, config.objective.chunk_size, config.rollout.temperature)
+                             scorer_of=lambda model: make_scorer(model, config))
         scorer.check(train_problems, config.data.train)  # every privileged prompt fits, before training
         return scorer
     return make_scorer(teacher, config) if teacher is not None else None

@@ -43,9 +43,10 @@ def is_disk_full(error: BaseException) -> bool:
     return any(words in str(error).lower() for words in _DISK_FULL_WORDS)
 
 
-def disk_full_message(where: Path, error: BaseException) -> str:
-    return (f"{where}: the disk is full (or a file-size limit, ulimit -f, was reached): "
-            f"{str(error).splitlines()[0] if str(error) else type(error).__name__}")
+def disk_full_message(where: Optional[Path], error: BaseException) -> str:
+    detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+    place = f"{where}: the disk is full" if where is not None else "the disk is full"
+    return f"{place} (or a file-size limit, ulimit -f, was reached): {detail}"
 
 
 def checkpoint_dir(run_dir: Path) -> Path:

@@ -55,7 +55,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         config = load_config(resolve_recipe(recipe), overrides)
     try:
-        train(config, resume=args.resume)  # under torchrun: one process per device (kdrl.distributed)
+        train(config, resume=args.resume, overwrite=args.overwrite)  # under torchrun: one process per device
     finally:
         close_distributed()
     return 0
@@ -84,7 +84,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from kdrl.evaluate import evaluate_problems, markdown_table
     from kdrl.models import load_model, load_tokenizer, pick_device, set_cpu_threads
     from kdrl.rewards import combine_rewards, parse_reward_specs
-    from kdrl.rollout import make_engine
+    from kdrl.rollout import engine_options, make_engine
 
     torch.manual_seed(args.seed)
     device = pick_device(args.device)
@@ -100,8 +100,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model = load_model(path, ModelConfig(dtype=args.dtype), device, trainable=False)
         set_cpu_threads(0, device, model)
         encode = make_encoder(tokenizer, config, 10 ** 9)
-        engine = make_engine("hf", model=model, tokenizer=tokenizer, encode=encode,
-                             generation_batch_size=args.batch_size)
+        engine = make_engine(args.engine, model=model, tokenizer=tokenizer, encode=encode,
+                             generation_batch_size=args.batch_size, **engine_options(args.engine, None, args.seed))
         results[label], problems_out[label] = {}, {}
         for name, problems in sets.items():
             torch.manual_seed(args.seed)  # same samples for every model: deterministic for a seed
@@ -156,7 +156,11 @@ def parse_pair(item: str) -> tuple[str, str]:
 
 def cmd_plot(args: argparse.Namespace) -> int:
     from kdrl.logger import plot_run
+    from kdrl.paths import path_problem
 
+    problem = path_problem(Path(args.run_dir) / "metrics.jsonl")
+    if problem:
+        raise ConfigError(f"{args.run_dir}: not a run directory (its metrics.jsonl is {problem})")
     print(plot_run(args.run_dir, args.out))
     return 0
 
@@ -169,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("recipe", nargs="?", help="recipe YAML or preset name (recipes/NAME.yaml)")
     train.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=50")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest complete checkpoint")
+    train.add_argument("--overwrite", action="store_true",
+                       help="clear a log.run_dir that already holds a run (otherwise it is refused)")
     train.set_defaults(func=cmd_train)
 
     evaluate = commands.add_parser("eval", help="evaluate checkpoints on problem sets")
@@ -188,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--dtype", default="auto")
     evaluate.add_argument("--batch-size", type=int, default=256)
+    evaluate.add_argument("--engine", choices=["hf", "vllm"], default="hf",
+                          help="rollout engine (vllm: pip install \"kdrl[vllm]\"; rollout.vllm's default settings)")
     evaluate.add_argument("--out", help="write JSON here (and a .md table beside it)")
     evaluate.set_defaults(func=cmd_eval)
 
@@ -251,10 +259,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     except OSError as error:  # the environment, not kdrl: a full disk, a read-only or missing directory
         if is_disk_full(error):
-            print(f"kdrl: error: {disk_full_message(Path(error.filename or '.'), error)}", file=sys.stderr)
+            where = Path(error.filename) if error.filename else None
+            print(f"kdrl: error: {disk_full_message(where, error)}", file=sys.stderr)
             return 2
         if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.EEXIST,
-                           errno.ELOOP, errno.ENAMETOOLONG):
+                           errno.ELOOP, errno.ENAMETOOLONG, errno.ENOENT):
             print(f"kdrl: error: {error.filename or 'a file'}: {error.strerror}", file=sys.stderr)
             return 2
         raise

@@ -133,7 +133,13 @@ def _read_parquet(path: Path) -> Iterable[tuple[str, int, Any]]:
         yield f"{path}: row {index}", index, row
 
 
+DATASET_DIR_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")  # what save_to_disk writes
+
+
 def _read_hf_dataset_dir(path: Path, split: Optional[str]) -> Iterable[tuple[str, int, Any]]:
+    if not any((path / name).is_file() for name in DATASET_DIR_MARKERS):
+        raise DataError(f"{path}: a directory, but not one saved by datasets.save_to_disk (no "
+                        f"{' or '.join(DATASET_DIR_MARKERS)}); give a .jsonl, .json or .parquet file")
     try:
         import datasets
     except ImportError:

@@ -90,10 +90,12 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def truncate_metrics(run_dir: Path, step: int) -> None:
+def truncate_metrics(run_dir: Path, step: int, final_step: Optional[int] = None) -> None:
     """On resume, drop records written after the checkpoint so the log reads as one run.
 
-    A line cut short by a kill mid-write is dropped too.
+    A line cut short by a kill mid-write is dropped too. When ``step`` is the run's ``final_step``
+    the resumed run evaluates once more (the final evaluation comes after the last checkpoint), so
+    the evaluation records of that step are dropped: it is logged once, not twice.
     """
     for name in ("metrics.jsonl", "samples.jsonl"):
         path = run_dir / name
@@ -106,6 +108,8 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
             except json.JSONDecodeError:
                 continue
             if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+                if record["step"] == step == final_step and record.get("kind") == "eval":
+                    continue
                 kept.append(line)
         temporary = path.with_name(path.name + ".tmp")
         temporary.write_text("".join(line + "\n" for line in kept))

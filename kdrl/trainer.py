@@ -24,6 +24,7 @@ from typing import Any, Optional
 import torch
 
 from kdrl import checkpoint as ckpt
+from kdrl.batching import micro_batches
 from kdrl.build import Run, build
 from kdrl.config import Config
 from kdrl.distributed import (MaxOverRanks, SumOverRanks, full_model_state, full_optimizer_state, grad_norm_value,
@@ -31,6 +32,7 @@ from kdrl.distributed import (MaxOverRanks, SumOverRanks, full_model_state, full
 from kdrl.evaluate import EVAL_PROBLEMS_FILE, evaluate_problems, summary_table
 from kdrl.logger import plot_run
 from kdrl.models import logit_scale, output_projection, response_hidden_states
+from kdrl.rewards import reward_stats
 from kdrl.rollout import SamplingParams
 from kdrl.rollout.rows import score_rewards
 from kdrl.rollout.sources import ON_POLICY_SOURCES
@@ -93,8 +95,9 @@ def update(run: Run, batch: TrainBatch) -> dict[str, float]:
         run.optimizer.zero_grad(set_to_none=True)
         metrics: dict[str, float] = {}
         loss_finite = True
-        for micro_rows in torch.arange(minibatch.num_rows).split(train.micro_batch_size):
-            micro = minibatch.rows(micro_rows).to(run.device)
+        # rows of similar length together, each micro-batch cut to its longest response (kdrl.batching)
+        for micro in micro_batches(minibatch, torch.arange(minibatch.num_rows), train.micro_batch_size):
+            micro = micro.to(run.device)
             loss, micro_metrics = run.objective.loss(micro, student_forward(run, micro), off_policy=update_index > 0)
             loss_finite = loss_finite and math.isfinite(float(loss.detach()))
             loss.backward()
@@ -138,10 +141,12 @@ def training_step(run: Run) -> dict[str, Any]:
     problems = [run.train_problems[i] for i in order[run.dist.share(len(order))]]
     with timed(timings, "generate"):
         rollouts = run.sampling_source.generate(problems, config.rollout.group_size, sampling, step=run.step)
+    counted = reward_stats()
     with timed(timings, "reward"):
         rewards = score_rewards(run.reward_fn, rollouts)
     with timed(timings, "failed_groups"):  # ghpo hints / ampo teacher solutions where a whole group failed
         rollouts, rewards, rescue_metrics = run.failed_groups(rollouts, rewards, sampling, run.step)
+    rescue_metrics = {**rescue_metrics, **reward_counts(counted)}
     with timed(timings, "teacher"):
         teacher_out = run.teacher_scorer.score(rollouts, need_hidden=run.objective.needs_teacher_hidden) \
             if run.objective.needs_teacher else None
@@ -155,7 +160,21 @@ def training_step(run: Run) -> dict[str, Any]:
     tokens_per_second = SumOverRanks(float(rollouts.response_mask.sum()) / max(1e-9, sum(timings.values())))
     metrics = {**step_metrics(run, rollouts, rewards, batch), **rescue_metrics, **update_metrics, **timings,
                "tokens_per_second": tokens_per_second}  # this rank's tokens over its own time: summed
-    return {**reduce_metrics(metrics, run.dist), "_rollouts": rollouts, "_rewards": rewards}
+    reduced = {key: value for key, value in reduce_metrics(metrics, run.dist).items()
+               if key not in REWARD_COUNTS or value}  # a count shows in the step's line when it is not 0
+    return {**reduced, "_rollouts": rollouts, "_rewards": rewards}
+
+
+REWARD_COUNTS = ("reward_timeouts", "reward_errors")
+
+
+def reward_counts(before: dict[str, int]) -> dict[str, Any]:
+    """Verifications that hit the time limit (scored 0) and user-reward errors since ``before``,
+    summed over ranks: a grade that depends on the machine shows in the metrics (logged when not 0)."""
+    now = reward_stats()
+    return {"reward_timeouts": SumOverRanks(float(now["timeouts"] - before["timeouts"])),
+            "reward_errors": SumOverRanks(float(now["errors"] + now["user_errors"]
+                                                - before["errors"] - before["user_errors"]))}
 
 
 def step_metrics(run: Run, rollouts: Rollouts, rewards: torch.Tensor, batch: TrainBatch) -> dict[str, float]:
@@ -163,7 +182,8 @@ def step_metrics(run: Run, rollouts: Rollouts, rewards: torch.Tensor, batch: Tra
     correct = (rewards >= run.config.reward.correct_threshold).float()
     return {"reward": float(rewards.mean()), "accuracy": float(correct.mean()),
             "response_length": float(lengths.mean()), "truncated_fraction": float(rollouts.truncated.float().mean()),
-            "lr": run.scheduler.get_last_lr()[0], **run.objective.prepare_metrics(batch)}
+            "lr": run.scheduler.get_last_lr()[0], **run.objective.prepare_metrics(batch),
+            **getattr(run.student_engine, "metrics", {})}  # e.g. vllm's pi_old_recomputed
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -172,6 +192,7 @@ def evaluate_student(run: Run, details: Optional[dict[str, list]] = None) -> dic
     """Metrics per eval set; ``details`` (if given) receives each set's per-problem records."""
     config = run.config
     results = {}
+    counted = reward_stats()
     for name, problems in run.eval_sets.items():
         metrics = evaluate_problems(run.student_engine, problems, run.reward_fn, samples=config.eval.samples,
                                     temperature=config.eval.temperature, top_p=config.rollout.top_p,
@@ -180,6 +201,9 @@ def evaluate_student(run: Run, details: Optional[dict[str, list]] = None) -> dic
                                     batch_size=config.eval.batch_size,
                                     details=None if details is None else details.setdefault(name, []))
         results.update({f"{name}/{key}": value for key, value in metrics.items()})
+    timeouts = float(run.dist.all_reduce_sum(torch.tensor(float(reward_counts(counted)["reward_timeouts"]))))
+    if timeouts:
+        results["reward_timeouts"] = timeouts
     return results
 
 
@@ -214,8 +238,9 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor  # this rank's shard of a DTensor
 
 
-def train(config: Config, resume: Optional[str | Path] = None) -> dict[str, Any]:
-    run = build(config, resume)
+def train(config: Config, resume: Optional[str | Path] = None, overwrite: bool = False) -> dict[str, Any]:
+    """``overwrite``: clear a ``log.run_dir`` that holds another run first (otherwise it is refused)."""
+    run = build(config, resume, overwrite)
     logger = run.logger
     logger.write(f"kdrl: run directory {run.run_dir}")
     before = None

@@ -1,8 +1,10 @@
 """Two gloo processes (FSDP2) give the one-process loss, gradients and checkpoint on one global batch."""
 from __future__ import annotations
 
+import json
 import os
 import socket
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -136,6 +138,51 @@ def test_two_processes_match_one_process(tiny_overrides, tmp_path):
         s1, s2 = one_run.optimizer.state[p1], two_run.optimizer.state[p2]
         torch.testing.assert_close(s2["exp_avg"], s1["exp_avg"], rtol=1e-4, atol=1e-7)
         torch.testing.assert_close(s2["exp_avg_sq"], s1["exp_avg_sq"], rtol=1e-4, atol=1e-10)
+
+
+def _train_worker(rank: int, world: int, port: int, recipe: str, overrides: list[str], error_dir: Path) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    sys.path.insert(0, str(Path(__file__).parent))  # kdrl_test_rewards
+    from kdrl.distributed import close_distributed
+    from kdrl.trainer import train
+
+    try:
+        train(load_config(recipe, overrides))
+    except BaseException as error:  # reported to the parent
+        torch.save(repr(error), error_dir / f"error-{rank}.pt")
+        raise
+    finally:
+        close_distributed()
+
+
+@pytest.mark.parametrize("recipe", ["grpo", "ghpo", "ampo"])
+def test_two_processes_train_every_recipe_with_failed_groups_on_one_rank(tiny_overrides, tmp_path, recipe):
+    """Only rank 1 has all-failed groups (kdrl_test_rewards.rank_zero_solves_all): ghpo's hinted
+    generate and ampo's scoring of teacher rows are FSDP collectives, so both ranks must make them
+    (before, rank 0 went on to the next all-reduce and the two processes waited forever)."""
+    overrides = [o for o in tiny_overrides if not o.startswith(("log.run_dir", "train.steps", "rollout."))] + [
+        f"log.run_dir={tmp_path / 'run'}", "train.steps=2", f"rollout.prompts_per_step={PROMPTS}",
+        "rollout.group_size=4", "rollout.max_new_tokens=12", "train.device=cpu", "eval.num_problems=2",
+        "reward.functions=[kdrl_test_rewards:rank_zero_solves_all]", "checkpoint.save_final=false"]
+    context = mp.get_context("spawn")
+    port = _free_port()
+    recipe_path = str(Path(__file__).parent.parent / "recipes" / f"{recipe}.yaml")
+    workers = [context.Process(target=_train_worker, args=(rank, 2, port, recipe_path, overrides, tmp_path))
+               for rank in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=240)
+    hung = [worker for worker in workers if worker.is_alive()]
+    for worker in hung:
+        worker.kill()
+    errors = [torch.load(f, weights_only=False) for f in sorted(tmp_path.glob("error-*.pt"))]
+    assert not hung, f"{recipe}: the two processes waited on different collectives"
+    assert not errors and all(worker.exitcode == 0 for worker in workers), errors
+    steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in steps if m.get("kind", "train") == "train"][-1] == 2
 
 
 def test_uneven_prompt_split_is_an_error():

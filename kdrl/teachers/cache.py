@@ -6,8 +6,12 @@ INITIAL student, scores every response token with the teacher, and writes
 
     DIR/rollouts.safetensors   prompt/response ids and masks, the sampler's and the teacher's
                                per-token log-probs, rows grouped by prompt
-    DIR/manifest.json          sha256 of the student's and the teacher's model files and of the
-                               data file, the sampling settings, the problem ids
+    DIR/manifest.json          sha256 of the student's and the teacher's model files, of the
+                               data file and of rollouts.safetensors, the sampling settings, the
+                               problem ids
+
+The directory is built beside DIR under a temporary name and renamed into place when complete,
+so a build killed midway leaves the previous cache whole (never a manifest beside other rollouts).
 
 Training with ``teacher_cache.path=DIR`` loads no teacher: the cache replays the stored
 responses (``kdrl.rollout.sources.CachedRollouts``) and their teacher log-probs (``CachedTeacher``). A cache
@@ -17,6 +21,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any, Optional
 
@@ -27,7 +33,7 @@ from kdrl.config import Config, ConfigError
 from kdrl.data import PromptSampler, load_problems, make_encoder, resolve_data_path
 from kdrl.models import (check_tokenizers_compatible, load_model, load_tokenizer, pick_device, resolve_model_path,
                          seed_everything, set_cpu_threads)
-from kdrl.rollout import SamplingParams, make_engine
+from kdrl.rollout import SamplingParams, engine_options, make_engine
 from kdrl.rollout.rows import pack, unpack
 from kdrl.teachers.base import Teacher
 from kdrl.teachers.local import make_scorer
@@ -104,6 +110,13 @@ def build_teacher_cache(config: Config, out: Optional[str] = None) -> Path:
         raise ConfigError("teacher_cache.path: give the cache directory (--out DIR or teacher_cache.path=DIR)")
     if config.model.teacher is None:
         raise ConfigError("model.teacher: a teacher is needed to build a teacher cache")
+    folder = Path(target)
+    if folder.is_symlink() or folder.exists():  # checked before anything is sampled
+        if not folder.is_dir():
+            raise ConfigError(f"--out {folder}: exists and is not a directory; give a new or a cache directory")
+        if any(folder.iterdir()) and not (folder / MANIFEST_FILE).is_file():
+            raise ConfigError(f"--out {folder}: a directory that is not a teacher cache (no {MANIFEST_FILE}); "
+                              "give a new directory, nothing in this one is replaced")
     seed_everything(config.train.seed)
     device = pick_device(config.train.device)
     tokenizer = load_tokenizer(config.model.student, config.model.trust_remote_code)
@@ -119,7 +132,8 @@ def build_teacher_cache(config: Config, out: Optional[str] = None) -> Path:
     set_cpu_threads(config.train.cpu_threads, device, student)
     engine = make_engine(config.rollout.engine, model=student, tokenizer=tokenizer,
                          encode=make_encoder(tokenizer, config, config.data.max_prompt_tokens),
-                         generation_batch_size=config.rollout.generation_batch_size)
+                         generation_batch_size=config.rollout.generation_batch_size,
+                         **engine_options(config.rollout.engine, config.rollout.vllm, config.train.seed))
     scorer = make_scorer(teacher, config)
     sampling = SamplingParams(config.rollout.temperature, config.rollout.top_p, config.rollout.max_new_tokens)
     size = config.rollout.group_size
@@ -135,16 +149,42 @@ def build_teacher_cache(config: Config, out: Optional[str] = None) -> Path:
     teacher_logprobs = torch.zeros_like(packed.sampler_logprobs)
     for b, values in enumerate(teacher_rows):
         teacher_logprobs[b, :len(values)] = values
-    folder = Path(target)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({"prompt_ids": packed.prompt_ids, "prompt_mask": packed.prompt_mask,
-               "response_ids": packed.response_ids, "response_mask": packed.response_mask,
-               "sampler_logprobs": packed.sampler_logprobs.contiguous(), "teacher_logprobs": teacher_logprobs,
-               "truncated": packed.truncated}, str(folder / ROLLOUTS_FILE))
-    manifest.update({"format": FORMAT, "student_path": config.model.student, "teacher_path": config.model.teacher,
-                     "data_path": config.data.train, "problem_ids": [p.id for p in chosen]})
-    (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    temporary = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir()
+    try:
+        save_file({"prompt_ids": packed.prompt_ids, "prompt_mask": packed.prompt_mask,
+                   "response_ids": packed.response_ids, "response_mask": packed.response_mask,
+                   "sampler_logprobs": packed.sampler_logprobs.contiguous(), "teacher_logprobs": teacher_logprobs,
+                   "truncated": packed.truncated}, str(temporary / ROLLOUTS_FILE))
+        manifest.update({"format": FORMAT, "student_path": config.model.student, "teacher_path": config.model.teacher,
+                         "data_path": config.data.train, "problem_ids": [p.id for p in chosen],
+                         "rollouts_sha256": sha256_of_files([temporary / ROLLOUTS_FILE])})
+        (temporary / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+        replace_directory(temporary, folder)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
     return folder
+
+
+def replace_directory(new: Path, folder: Path) -> None:
+    """Put the complete directory ``new`` at ``folder``: the old one is renamed aside first and
+    removed only after the new one is in place, so ``folder`` is always one whole cache."""
+    for path in (*new.iterdir(), new):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    if folder.is_dir():
+        retired = folder.parent / f".{folder.name}.old-{os.getpid()}"
+        shutil.rmtree(retired, ignore_errors=True)
+        os.replace(folder, retired)
+        os.replace(new, folder)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        os.replace(new, folder)
 
 
 # --------------------------------------------------------------------------- reading
@@ -187,12 +227,43 @@ def load_teacher_cache(config: Config, train_problems: list[Problem], tokenizer:
     if missing:
         raise TeacherCacheError(f"teacher_cache.path={path}: problem '{missing[0]}' is not in data.train; "
                                 f"rebuild it with: {command}")
-    tensors = load_file(str(folder / ROLLOUTS_FILE))
+    tensors = read_rollouts(folder, recorded, config.rollout.group_size, f"teacher_cache.path={path}", command)
     mask = tensors["response_mask"]
     texts = tokenizer.batch_decode([ids[m.bool()].tolist() for ids, m in zip(tensors["response_ids"], mask)],
                                    skip_special_tokens=True)
     return TeacherCache(folder, tensors, [by_id[i] for i in recorded["problem_ids"]], config.rollout.group_size,
                         texts, config.teacher_cache.old_logprobs == "recompute")
+
+
+ROLLOUT_TENSORS = ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "sampler_logprobs",
+                   "teacher_logprobs", "truncated")
+
+
+def read_rollouts(folder: Path, recorded: dict[str, Any], group_size: int, where: str,
+                  command: str) -> dict[str, torch.Tensor]:
+    """rollouts.safetensors, checked against its manifest: the recorded sha256 (caches built since it
+    is recorded), the tensors and one group of ``group_size`` rows per recorded problem."""
+    def refuse(why: str) -> TeacherCacheError:
+        return TeacherCacheError(f"{where}: {ROLLOUTS_FILE} {why}; rebuild the cache with: {command}")
+
+    digest = recorded.get("rollouts_sha256")
+    if digest is not None and sha256_of_files([folder / ROLLOUTS_FILE]) != digest:
+        raise refuse("is not the one its manifest describes (a rebuild was interrupted, or a file was copied in)")
+    try:
+        tensors = load_file(str(folder / ROLLOUTS_FILE))
+    except Exception as error:  # truncated or not safetensors
+        raise refuse(f"cannot be read ({str(error).splitlines()[0] if str(error) else type(error).__name__})") \
+            from None
+    missing = [name for name in ROLLOUT_TENSORS if name not in tensors]
+    if missing:
+        raise refuse(f"has no '{missing[0]}'")
+    rows = len(recorded.get("problem_ids") or []) * group_size
+    counts = {name: tensors[name].shape[0] for name in ROLLOUT_TENSORS}
+    if any(count != rows for count in counts.values()):
+        name = next(name for name, count in counts.items() if count != rows)
+        raise refuse(f"holds {counts[name]} rows of '{name}', but its manifest lists "
+                     f"{len(recorded.get('problem_ids') or [])} problems x {group_size} responses")
+    return tensors
 
 
 class CachedTeacher(Teacher):
