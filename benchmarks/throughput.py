@@ -13,6 +13,9 @@ one built here (randomly initialised Qwen2 student ~23M and teacher ~42M paramet
   prepare, update) for grpo and for kdrl, interleaved, medians over repeats.
   overhead = kdrl learning time - grpo learning time; the bound is overhead <= 1.15 x teacher time
   (the teacher forward is the only extra work KDRL should cost).
+- when TRL is installed (``pip install -e ".[bench]"``): TRL's ``GRPOTrainer`` on the same student,
+  prompts, reward and batch (benchmarks/vs_trl.py runs it), and the ratio of its median step to
+  kdrl's grpo step; ``--no-trl`` skips it.
 """
 from __future__ import annotations
 
@@ -148,6 +151,26 @@ def measure_overhead(overrides: list[str], repeats: int) -> dict:
             "meets_bound": overhead <= 1.15 * median["teacher_alone"]}
 
 
+def measure_trl_grpo(student: str, data: str, prompts: int, group: int, max_new_tokens: int, steps: int) -> dict:
+    """Median step of TRL's GRPOTrainer on the same work as kdrl's grpo here (one warm-up step)."""
+    import torch
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import vs_trl
+
+    spec = {"kind": "grpo", "prompts": prompts, "group": group, "max_new_tokens": max_new_tokens, "reward": "math"}
+    with tempfile.TemporaryDirectory() as work:
+        ends, _ = vs_trl.run_trl(spec, {"student": student, "data": data}, Path(work), steps + 1)
+    return {"median_step_seconds": statistics.median(b - a for a, b in zip(ends, ends[1:])), "steps": steps,
+            "threads": torch.get_num_threads()}
+
+
+def trl_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("trl") is not None
+
+
 def in_fresh_process(fn, *args):
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         return pool.apply(fn, args)
@@ -159,6 +182,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=3, help="measured training steps per method")
     parser.add_argument("--repeats", type=int, default=5, help="repeats of the same-rollouts overhead measurement")
     parser.add_argument("--vocab", type=int, default=32_768, help="vocabulary of the larger configuration")
+    parser.add_argument("--no-trl", action="store_true", help="skip the TRL GRPOTrainer comparison")
     args = parser.parse_args()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -167,13 +191,16 @@ def main() -> int:
         configs = {
             "bundled": {"description": "bundled student 0.58M / teacher 2.4M, vocab 258; 16 prompts x 8, "
                                        "up to 64 tokens (twice the default run's batch)",
-                        "overrides": ["rollout.prompts_per_step=16"]},
+                        "overrides": ["rollout.prompts_per_step=16"],
+                        "trl": (str(REPO / "kdrl/assets/demo/student"), str(REPO / "kdrl/assets/demo/data/train.jsonl"),
+                                16, 8, 64)},
             "larger": {"description": f"random Qwen2 student {larger['student_params'] / 1e6:.1f}M / teacher "
                                       f"{larger['teacher_params'] / 1e6:.1f}M, vocab {args.vocab:,}; 4 prompts x 4, "
                                       "32 tokens",
                        "overrides": [f"model.student={larger['student']}", f"model.teacher={larger['teacher']}",
                                      "rollout.prompts_per_step=4", "rollout.group_size=4",
-                                     "rollout.max_new_tokens=32", "train.micro_batch_size=16"]},
+                                     "rollout.max_new_tokens=32", "train.micro_batch_size=16"],
+                       "trl": (larger["student"], str(REPO / "kdrl/assets/demo/data/train.jsonl"), 4, 4, 32)},
         }
         results = {"command": "python benchmarks/throughput.py " + " ".join(sys.argv[1:]),
                    "machine": {"platform": platform.platform(), "processor": platform.machine(),
@@ -192,6 +219,11 @@ def main() -> int:
                                                  args.repeats)
             print(name, json.dumps(entry["overhead"]["median_seconds"]),
                   f"overhead/teacher = {entry['overhead']['overhead_over_teacher']:.3f}", flush=True)
+            if not args.no_trl and trl_available():
+                entry["trl_grpo"] = in_fresh_process(measure_trl_grpo, *spec["trl"], args.steps)
+                entry["trl_over_kdrl_grpo"] = (entry["trl_grpo"]["median_step_seconds"]
+                                               / entry["methods"]["grpo"]["median"]["step_seconds"])
+                print(name, "TRL GRPOTrainer / kdrl grpo step:", f"{entry['trl_over_kdrl_grpo']:.2f}", flush=True)
             results["configs"][name] = entry
     results["wall_seconds"] = time.perf_counter() - started
     out = Path(args.out)
@@ -225,6 +257,15 @@ def markdown(results: dict) -> str:
         lines.append(f"| {name} | {m['teacher_alone']:.3f} | {m['grpo_learn']:.3f} | {m['kdrl_learn']:.3f} | "
                      f"{o['kd_overhead_seconds']:.3f} | {o['overhead_over_teacher']:.2f} | "
                      f"{'met' if o['meets_bound'] else 'NOT met'} |")
+    trl_entries = {name: entry for name, entry in results["configs"].items() if "trl_grpo" in entry}
+    if trl_entries:
+        lines += ["", "The same grpo work in TRL's GRPOTrainer (same student, prompts, reward, batch; fp32, no "
+                  "gradient checkpointing; benchmarks/vs_trl.py has the alternated comparison):", "",
+                  "| config | TRL step s | kdrl grpo step s | TRL / kdrl |", "|---|---|---|---|"]
+        for name, entry in trl_entries.items():
+            lines.append(f"| {name} | {entry['trl_grpo']['median_step_seconds']:.3f} | "
+                         f"{entry['methods']['grpo']['median']['step_seconds']:.3f} | "
+                         f"{entry['trl_over_kdrl_grpo']:.2f}x |")
     for name, entry in results["configs"].items():
         lines.append(f"\n- {name}: {entry['description']}")
     return "\n".join(lines)

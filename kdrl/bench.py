@@ -68,6 +68,8 @@ def run_benchmark(methods: list[str], seeds: list[int], out_dir: Path, overrides
                "overrides": overrides, "method_overrides": method_overrides, "jobs": jobs,
                "total_seconds": time.perf_counter() - started, "rows": table_rows(runs, target_accuracy),
                "pairs": paired_rows(out_dir, method_pairs, seeds)}
+    compared = {(r["a"], r["b"]) for r in results["pairs"]}
+    results["pairs_without_problems"] = [f"{a}:{b}" for a, b in method_pairs if (a, b) not in compared]
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     (out_dir / "table.md").write_text(markdown(results) + "\n")
     plot_curves(runs, out_dir / "curves.png")
@@ -161,6 +163,9 @@ def markdown(results: dict) -> str:
                   "(finished runs found in the output directory are read back, not retrained)."]
     if results.get("pairs"):
         lines += ["", pairs_markdown(results["pairs"])]
+    if results.get("pairs_without_problems"):
+        lines += ["", f"Not compared (no per-problem results, {EVAL_PROBLEMS_FILE}, in their runs): "
+                      f"{', '.join(results['pairs_without_problems'])}."]
     return "\n".join(lines)
 
 

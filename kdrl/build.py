@@ -28,7 +28,7 @@ from kdrl.models import (ModelError, check_tokenizers_compatible, context_length
                          seed_everything, set_cpu_threads)
 from kdrl.objective import Objective, objective_inputs
 from kdrl.rewards import combine_rewards, parse_reward_specs
-from kdrl.rollout import RolloutEngine, make_engine
+from kdrl.rollout import RolloutEngine, engine_options, make_engine
 from kdrl.rollout.failed_groups import FailedGroupAction, load_solution_files, make_failed_group_action
 from kdrl.rollout.sources import CachedRollouts, DatasetResponses, RolloutSource, batch_writers
 from kdrl.teachers import LocalTeacher, Teacher, make_scorer
@@ -313,7 +313,8 @@ def check_prompts(encode: Any, sources: list[tuple[str, list[Problem]]]) -> None
 def engine_for(model: torch.nn.Module, config: Config, tokenizer: Any, encode: Any) -> RolloutEngine:
     """The ``rollout.engine`` that samples from ``model`` (the student, or the teacher writing batches)."""
     return make_engine(config.rollout.engine, model=model, tokenizer=tokenizer, encode=encode,
-                       generation_batch_size=config.rollout.generation_batch_size)
+                       generation_batch_size=config.rollout.generation_batch_size,
+                       **engine_options(config.rollout.engine, config.rollout.vllm, config.train.seed))
 
 
 def make_rollout_source(config: Config, student_engine: RolloutEngine, teacher: Optional[torch.nn.Module],
@@ -343,7 +344,7 @@ def make_teacher_scorer(config: Config, cache: Optional[TeacherCache], routed: O
         initial = load_model(config.model.student, config.model, device, trainable=False) \
             if config.self_teacher.mode == "frozen" else None
         scorer = SelfTeacher(config.self_teacher, student, initial, encode, tokenizer.pad_token_id,
-                             config.train.micro_batch_size, config.objective.chunk_size, config.rollout.temperature)
+                             scorer_of=lambda model: make_scorer(model, config))
         scorer.check(train_problems, config.data.train)  # every privileged prompt fits, before training
         return scorer
     return make_scorer(teacher, config) if teacher is not None else None

@@ -84,7 +84,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from kdrl.evaluate import evaluate_problems, markdown_table
     from kdrl.models import load_model, load_tokenizer, pick_device, set_cpu_threads
     from kdrl.rewards import combine_rewards, parse_reward_specs
-    from kdrl.rollout import make_engine
+    from kdrl.rollout import engine_options, make_engine
 
     torch.manual_seed(args.seed)
     device = pick_device(args.device)
@@ -100,8 +100,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model = load_model(path, ModelConfig(dtype=args.dtype), device, trainable=False)
         set_cpu_threads(0, device, model)
         encode = make_encoder(tokenizer, config, 10 ** 9)
-        engine = make_engine("hf", model=model, tokenizer=tokenizer, encode=encode,
-                             generation_batch_size=args.batch_size)
+        engine = make_engine(args.engine, model=model, tokenizer=tokenizer, encode=encode,
+                             generation_batch_size=args.batch_size, **engine_options(args.engine, None, args.seed))
         results[label], problems_out[label] = {}, {}
         for name, problems in sets.items():
             torch.manual_seed(args.seed)  # same samples for every model: deterministic for a seed
@@ -194,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--dtype", default="auto")
     evaluate.add_argument("--batch-size", type=int, default=256)
+    evaluate.add_argument("--engine", choices=["hf", "vllm"], default="hf",
+                          help="rollout engine (vllm: pip install \"kdrl[vllm]\"; rollout.vllm's default settings)")
     evaluate.add_argument("--out", help="write JSON here (and a .md table beside it)")
     evaluate.set_defaults(func=cmd_eval)
 

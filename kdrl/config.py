@@ -58,8 +58,31 @@ class DataConfig:
 
 
 @dataclass
+class VllmConfig:
+    """rollout.engine=vllm: vLLM in the trainer's process, the student's weights pushed after every update.
+
+    Defaults fit the paper recipe (1.5B student, 7B teacher scoring by forward pass) on one 80 GB GPU:
+    vLLM's weights + KV cache get 30% of the GPU, the rest holds the trained student, its optimizer
+    state and the teacher (TRL's colocate default is also 0.3)."""
+
+    gpu_memory_utilization: float = 0.3  # fraction of each GPU for vLLM's weights and KV cache
+    tensor_parallel_size: int = 1  # GPUs per vLLM instance (one instance per training process)
+    # between generation and training, free vLLM's GPU memory (1: weights to CPU, KV cache dropped;
+    # 2: both dropped, as every update reloads the weights anyway; 0: never). Not on CPU (vLLM ignores it).
+    sleep_level: Literal[0, 1, 2] = 1
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: the student's own dtype
+    # With top_p < 1 vLLM's log-probs are renormalised over the nucleus, not kdrl's pi_old
+    # (untruncated softmax(logits / T)); recompute pi_old with a forward pass of the student, as verl
+    # does. false: train on vLLM's nucleus log-probs (the metric pi_old_recomputed says which).
+    recompute_old_logprobs: bool = True
+    enforce_eager: bool = False  # no CUDA graphs (always eager on CPU, where compiling takes minutes)
+    cpu_kv_cache_gib: int = 1  # CPU only: KV cache size (VLLM_CPU_KVCACHE_SPACE)
+
+
+@dataclass
 class RolloutConfig:
-    engine: Literal["hf"] = "hf"
+    engine: Literal["hf", "vllm"] = "hf"  # vllm: pip install "kdrl[vllm]" (see rollout.vllm)
+    vllm: VllmConfig = field(default_factory=VllmConfig)
     # who writes the responses: the student (on-policy), the teacher (SFT on teacher traces), the
     # dataset's `solution` field, or "mixed": per step, on-policy with probability on_policy_fraction,
     # else off_policy_source (GKD, arXiv 2306.13649); the choice is a function of (train.seed, step)
@@ -240,9 +263,8 @@ class TrainConfig:
     updates_per_batch: int = 1  # optimizer steps per rollout batch (>1 makes later ones off-policy)
     seed: int = 0
     device: str = "auto"  # auto: cuda if available, else cpu
-    # CPU threads for torch; 0 = auto: 1 thread for models under 50M parameters (multi-threaded
-    # matmuls of tiny matrices are far slower than one thread: measured ~7x per step on the bundled
-    # models), torch's default otherwise.
+    # CPU threads for torch; 0 = auto: the fastest of 1, 2, 4, ... and torch's default on a short
+    # forward probe of the student at start-up (kdrl.cpu_threads), so never more than the default.
     cpu_threads: int = 0
     max_nonfinite_skips: int = 5  # stop after this many consecutive non-finite steps
 
@@ -324,6 +346,13 @@ def validate(config: Config) -> Config:
         (0.0 < config.rollout.top_p <= 1.0, "rollout.top_p", "must lie in (0, 1]"),
         (config.rollout.temperature > 0.0, "rollout.temperature", "must be positive"),
         (config.rollout.max_new_tokens >= 1, "rollout.max_new_tokens", "must be at least 1"),
+        (0.0 < config.rollout.vllm.gpu_memory_utilization <= 1.0, "rollout.vllm.gpu_memory_utilization",
+         "must lie in (0, 1]"),
+        (config.rollout.vllm.tensor_parallel_size >= 1, "rollout.vllm.tensor_parallel_size", "must be at least 1"),
+        (config.rollout.vllm.cpu_kv_cache_gib >= 1, "rollout.vllm.cpu_kv_cache_gib", "must be at least 1"),
+        (not (config.rollout.engine == "vllm" and config.objective.kd_token_selection == "tip"),
+         "objective.kd_token_selection", "tip needs the sampler's entropy, which rollout.engine=vllm does not "
+         "return (full-vocabulary log-probs from vLLM are slow); use rollout.engine=hf"),
         (config.objective.beta.initial >= 0.0, "objective.beta.initial", "must not be negative"),
         (config.objective.beta.final >= 0.0, "objective.beta.final", "must not be negative"),
         (config.objective.beta.decay_per_step >= 0.0, "objective.beta.decay_per_step", "must not be negative"),

@@ -119,15 +119,11 @@ def seed_everything(seed: int) -> None:
 
 
 def set_cpu_threads(threads: int, device: torch.device, model: torch.nn.Module) -> None:
-    """``train.cpu_threads`` (0 = auto: one thread for a model under 50M parameters, torch's
-    default otherwise); nothing on an accelerator."""
-    if device.type != "cpu":
-        return
-    if threads == 0:
-        if sum(p.numel() for p in model.parameters()) >= 50_000_000:
-            return
-        threads = 1
-    torch.set_num_threads(threads)
+    """``train.cpu_threads`` (0 = auto: the fastest count on a start-up probe, kdrl.cpu_threads);
+    nothing on an accelerator."""
+    from kdrl.cpu_threads import apply_cpu_threads
+
+    apply_cpu_threads(threads, device, model)
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:

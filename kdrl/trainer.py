@@ -24,6 +24,7 @@ from typing import Any, Optional
 import torch
 
 from kdrl import checkpoint as ckpt
+from kdrl.batching import micro_batches
 from kdrl.build import Run, build
 from kdrl.config import Config
 from kdrl.distributed import (MaxOverRanks, SumOverRanks, full_model_state, full_optimizer_state, grad_norm_value,
@@ -94,8 +95,9 @@ def update(run: Run, batch: TrainBatch) -> dict[str, float]:
         run.optimizer.zero_grad(set_to_none=True)
         metrics: dict[str, float] = {}
         loss_finite = True
-        for micro_rows in torch.arange(minibatch.num_rows).split(train.micro_batch_size):
-            micro = minibatch.rows(micro_rows).to(run.device)
+        # rows of similar length together, each micro-batch cut to its longest response (kdrl.batching)
+        for micro in micro_batches(minibatch, torch.arange(minibatch.num_rows), train.micro_batch_size):
+            micro = micro.to(run.device)
             loss, micro_metrics = run.objective.loss(micro, student_forward(run, micro), off_policy=update_index > 0)
             loss_finite = loss_finite and math.isfinite(float(loss.detach()))
             loss.backward()
@@ -180,7 +182,8 @@ def step_metrics(run: Run, rollouts: Rollouts, rewards: torch.Tensor, batch: Tra
     correct = (rewards >= run.config.reward.correct_threshold).float()
     return {"reward": float(rewards.mean()), "accuracy": float(correct.mean()),
             "response_length": float(lengths.mean()), "truncated_fraction": float(rollouts.truncated.float().mean()),
-            "lr": run.scheduler.get_last_lr()[0], **run.objective.prepare_metrics(batch)}
+            "lr": run.scheduler.get_last_lr()[0], **run.objective.prepare_metrics(batch),
+            **getattr(run.student_engine, "metrics", {})}  # e.g. vllm's pi_old_recomputed
 
 
 # ----------------------------------------------------------------------------- the loop

@@ -50,7 +50,13 @@ def test_benchmark_toy(tiny_overrides, tmp_path, jobs):
     assert [(r["a"], r["b"], r["set"], r["metric"]) for r in results["pairs"]] == [
         ("kd_rkl", "grpo", "test", "accuracy"), ("kd_rkl", "grpo", "test", "chain_correct")]
     assert all(r["low"] <= r["difference"] <= r["high"] and r["problems"] == 4 for r in results["pairs"])
-    assert "| kd_rkl − grpo | test | accuracy |" in table
+    assert "| kd_rkl − grpo | test | accuracy |" in table and results["pairs_without_problems"] == []
+    # runs without per-problem results (e.g. from before they were kept) are named, not compared
+    (tmp_path / "bench" / "runs" / "grpo-seed0" / "eval_after_problems.json").unlink()
+    again = run_benchmark(["grpo", "kd_rkl"], [0], tmp_path / "bench", overrides, {}, 0.5, "kdrl bench (test)",
+                          method_pairs=[("kd_rkl", "grpo")])  # read back, not retrained
+    assert again["pairs"] == [] and again["pairs_without_problems"] == ["kd_rkl:grpo"]
+    assert "Not compared" in (tmp_path / "bench" / "table.md").read_text()
     assert (tmp_path / "bench" / "curves.png").stat().st_size > 1000
     saved = json.loads((tmp_path / "bench" / "results.json").read_text())
     assert [row["method"] for row in saved["rows"]] == ["grpo", "kd_rkl"]

@@ -68,5 +68,8 @@ def test_eval_writes_json_and_table(tmp_path, tiny_assets):
     assert result.returncode == 0, result.stderr
     results = json.loads(out.read_text())
     metrics = results["student"]["test"]
-    assert {"accuracy", "pass@2", "pass@1", "maj@2", "response_length"} <= set(metrics)
-    assert "| student | test |" in result.stdout
+    assert {"accuracy", "pass@2", "pass@1", "maj@2", "chain_correct", "response_length"} <= set(metrics)
+    assert "| student | test |" in result.stdout and "chain_correct" in result.stdout
+    per_problem = json.loads((tmp_path / "eval_problems.json").read_text())["student"]["test"]
+    assert len(per_problem) == metrics["num_problems"] and all(len(r["correct"]) == 2 for r in per_problem)
+    assert sum(map(sum, (r["correct"] for r in per_problem))) / (2 * len(per_problem)) == metrics["accuracy"]

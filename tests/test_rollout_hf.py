@@ -75,3 +75,41 @@ def test_each_prompt_is_prefilled_once_for_its_group(run):
     got = rollouts.response_ids[:, :expected.shape[1]]
     mask = rollouts.response_mask[:, :expected.shape[1]] > 0
     assert torch.equal(got[mask], expected[mask])
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 0.8), (0.0, 1.0)])
+def test_dropping_ended_rows_changes_no_token_and_no_draw(run, temperature, top_p, monkeypatch):
+    """Rows that ended leave the forward batch; the running rows get the same tokens, log-probs and
+    entropies, and the generator ends in the same state, as when every row stays to the end."""
+    from kdrl.rollout.hf import TokenSampler
+
+    outputs = []
+    for drop_at in (2.0, 1e-9, TokenSampler.drop_finished_at):  # never, at the first ended row, the default
+        monkeypatch.setattr(TokenSampler, "drop_finished_at", drop_at)
+        torch.manual_seed(3)
+        rollouts = run.student_engine.generate(run.train_problems[:4], 4, SamplingParams(temperature, top_p, 40))
+        outputs.append((rollouts, torch.rand(4)))
+    (kept, after), others = outputs[0], outputs[1:]
+    if temperature > 0:
+        assert kept.response_mask.sum(-1).unique().numel() > 1  # rows end at different steps
+    for rollouts, rng_after in others:
+        for name in ("response_ids", "response_mask", "sampler_logprobs", "sampler_entropy", "truncated"):
+            assert torch.equal(getattr(rollouts, name), getattr(kept, name)), name
+        assert torch.equal(rng_after, after)
+
+
+def test_rows_leave_the_forward_batch_as_they_end(run, monkeypatch):
+    from kdrl.rollout.hf import TokenSampler
+
+    monkeypatch.setattr(TokenSampler, "drop_finished_at", 1e-9)
+    sizes = []
+    hook = run.student.register_forward_pre_hook(lambda module, args, kwargs: sizes.append(
+        kwargs["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        torch.manual_seed(1)
+        rollouts = run.student_engine.generate(run.train_problems[:4], 4, SamplingParams(1.0, 1.0, 40))
+    finally:
+        hook.remove()
+    running = [int((rollouts.response_mask[:, step - 1] > 0).sum() - (rollouts.response_ids[:, step - 1] ==
+               run.tokenizer.eos_token_id).sum()) for step in range(1, len(sizes) - 1)]
+    assert sizes[1] == rollouts.num_rows and sizes[2:] == running  # one forward per step, running rows only

@@ -30,7 +30,8 @@ class RolloutEngine(Protocol):
 
 # name -> "module:attribute" of the engine class, imported when first asked for (an optional
 # dependency such as vLLM is imported only by the runs that use it); ``register_engine`` adds one.
-ENGINES: dict[str, str | Callable[..., RolloutEngine]] = {"hf": "kdrl.rollout.hf:HFRolloutEngine"}
+ENGINES: dict[str, str | Callable[..., RolloutEngine]] = {"hf": "kdrl.rollout.hf:HFRolloutEngine",
+                                                          "vllm": "kdrl.rollout.vllm:VLLMRolloutEngine"}
 
 
 def register_engine(name: str, factory: str | Callable[..., RolloutEngine]) -> None:
@@ -46,3 +47,9 @@ def make_engine(name: str, **kwargs: Any) -> RolloutEngine:
         module, _, attribute = factory.partition(":")
         factory = getattr(importlib.import_module(module), attribute)
     return factory(**kwargs)
+
+
+def engine_options(name: str, vllm: Any = None, seed: int = 0) -> dict[str, Any]:
+    """The keyword arguments only some engines take: the vllm engine's ``rollout.vllm`` settings
+    (None: their defaults) and the run's seed."""
+    return {"vllm": vllm, "seed": seed} if name == "vllm" else {}

@@ -1,11 +1,18 @@
-"""The ``hf`` engine: transformers' ``generate`` with left padding, one prefill per prompt group and
-per-token sampler log-probs taken from the generation itself."""
+"""The ``hf`` engine: a decoding loop of its own over a transformers model's forward with a KV cache,
+one prefill per prompt group, and per-token sampler log-probs taken from the decoding itself.
+
+It draws from the random generator exactly as transformers' ``generate`` sampling does (one
+``torch.multinomial`` over every row's probabilities per step, finished rows included, stopping when all
+rows have ended), so a fixed seed gives the same tokens as ``generate`` would; it only leaves out what
+a training loop does not use (generation-config merging, the processor and stopping-criteria lists,
+per-step input re-preparation), and it needs no ``generate`` keyword that only some versions accept.
+"""
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Optional
 
 import torch
-from transformers import LogitsProcessorList
 
 from kdrl.distributed import gathered_for_generation
 from kdrl.models import position_ids_from_mask, unwrap
@@ -14,54 +21,14 @@ from kdrl.rollout.rows import left_pad
 from kdrl.types import Problem, Rollouts
 
 
-class SamplerLogprobs:
-    """A logits processor that takes pi_old from ``generate``'s own logits: no extra forward pass.
-
-    It is the only processor, so it sees the raw logits of every step. It keeps
-    log softmax(logits / T) of the current step and returns it, nucleus-truncated, as the scores
-    ``generate`` samples from: sampling is then exactly temperature T with top-p. At the next step
-    (and at the end, from the final sequences) it reads the log-prob of the token that was chosen,
-    so it holds one [rows, V] tensor, never [rows, R, V]. The recorded pi_old is the untruncated
-    softmax(logits / T), the same function the trainer recomputes (top-p is a sampling device, not
-    part of pi_old, as in verl and TRL).
-    """
-
-    def __init__(self, temperature: float, top_p: float):
-        from transformers import TopPLogitsWarper
-
-        self.temperature = temperature
-        self.top_p = TopPLogitsWarper(top_p) if top_p < 1.0 else None
-        self.pending: Optional[torch.Tensor] = None
-        self.chosen: list[torch.Tensor] = []
-        self.entropy: list[torch.Tensor] = []  # H(pi_old) at each position (token selection, e.g. tip)
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if self.pending is not None:
-            self.chosen.append(self.pending.gather(-1, input_ids[:, -1:]).squeeze(-1))
-        self.pending = torch.log_softmax(scores.float() / self.temperature, dim=-1)
-        self.entropy.append(-(self.pending.exp() * self.pending).nan_to_num().sum(-1))
-        return self.top_p(input_ids, self.pending) if self.top_p is not None else self.pending
-
-    def finish(self, sequences: torch.Tensor) -> torch.Tensor:
-        """[rows, R] log-probs of the generated tokens."""
-        if self.pending is not None:
-            self.chosen.append(self.pending.gather(-1, sequences[:, -1:]).squeeze(-1))
-        return torch.stack(self.chosen, dim=1) if self.chosen else torch.zeros(sequences.shape[0], 0)
-
-    def entropies(self, rows: int) -> torch.Tensor:
-        """[rows, R] entropy of the sampling distribution at each generated position."""
-        return torch.stack(self.entropy, dim=1) if self.entropy else torch.zeros(rows, 0)
-
-
 class HFRolloutEngine:
-    """G samples per prompt with ``model.generate``, each prompt prefilled once for its group.
+    """G samples per prompt: every prompt but its last token runs through the model once, its KV
+    cache is repeated G times (``Cache.batch_repeat_interleave``), then each step feeds one token per row.
 
-    transformers' ``num_return_sequences`` repeats the prompt G times BEFORE the prefill
-    (``_expand_inputs_for_generation`` runs ahead of ``_prefill`` in ``generate``), so here every
-    prompt but its last token runs through the model once, its KV cache is repeated G times
-    (``Cache.batch_repeat_interleave``), and ``generate`` continues from it: the prefill costs 1/G.
-    Sequences stop at EOS one by one (``generate`` pads finished rows and ends when all are done);
-    sampler log-probs come from the generation's own logits (``SamplerLogprobs``).
+    Sequences stop at EOS one by one (finished rows are fed padding, as ``generate`` does, and the loop
+    ends when all are done). pi_old is the untruncated log softmax(logits / T) of the chosen token, the
+    function the trainer recomputes; top-p only restricts what is sampled (a sampling device, not part
+    of pi_old, as in verl and TRL).
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, encode: Callable[[Problem, str], list[int]],
@@ -71,19 +38,6 @@ class HFRolloutEngine:
         self.encode = encode  # problem (+ suffix) -> prompt token ids
         self.generation_batch_size = generation_batch_size
 
-    def _generation_config(self, sampling: SamplingParams) -> Any:
-        from transformers import GenerationConfig
-
-        greedy = sampling.temperature == 0
-        # A fresh config: the checkpoint's own defaults (top_k=50, repetition penalties) would make
-        # the sampler a different distribution from the policy being trained. Temperature and top-p
-        # are applied by SamplerLogprobs, so generate adds no processor of its own.
-        return GenerationConfig(
-            do_sample=not greedy, temperature=None, top_p=None, top_k=None if greedy else 0,
-            max_new_tokens=sampling.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id, bos_token_id=self.tokenizer.bos_token_id,
-            return_dict_in_generate=True, use_cache=True)
-
     @torch.no_grad()
     def generate(self, problems: list[Problem], n: int, sampling: SamplingParams, step: int = 0,
                  prompt_suffixes: Optional[list[str]] = None) -> Rollouts:
@@ -92,38 +46,27 @@ class HFRolloutEngine:
         prompts = [self.encode(problem, suffix) for problem, suffix in zip(problems, suffixes)]
         pad_id = self.tokenizer.pad_token_id
         group_ids, group_mask = left_pad(prompts, pad_id)
-        width = group_ids.shape[1]
         prompt_ids, prompt_mask = group_ids.repeat_interleave(n, 0), group_mask.repeat_interleave(n, 0)
 
-        generation_config = self._generation_config(sampling)
-        temperature = sampling.temperature if sampling.temperature > 0 else 1.0
-        prompts_per_batch = max(1, self.generation_batch_size // n)  # whole groups per generate call
+        decoder = TokenSampler(sampling, eos_token_ids(self.tokenizer.eos_token_id), pad_id)
+        prompts_per_batch = max(1, self.generation_batch_size // n)  # whole groups per decoding loop
         was_training = self.model.training
         self.model.eval()
-        chunks_ids, chunks_logprobs, chunks_entropy = [], [], []
+        chunks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         try:
             with gathered_for_generation(self.model):  # FSDP2: the full weights once, not per token
+                model = unwrap(self.model)
                 for start in range(0, len(prompts), prompts_per_batch):
                     ids = group_ids[start:start + prompts_per_batch].to(device)
                     mask = group_mask[start:start + prompts_per_batch].to(device)
-                    recorder = SamplerLogprobs(temperature, sampling.top_p if sampling.temperature > 0 else 1.0)
-                    out = unwrap(self.model).generate(
-                        input_ids=ids.repeat_interleave(n, 0), attention_mask=mask.repeat_interleave(n, 0),
-                        cache=self._prefill(ids, mask, n), generation_config=generation_config,
-                        logits_processor=LogitsProcessorList([recorder]))
-                    chunks_ids.append(out.sequences[:, width:].cpu())
-                    chunks_logprobs.append(recorder.finish(out.sequences).cpu())
-                    chunks_entropy.append(recorder.entropies(out.sequences.shape[0]).cpu())
+                    chunks.append(tuple(t.cpu() for t in decoder.run(model, ids, mask, n)))
         finally:
             self.model.train(was_training)
 
-        length = max(chunk.shape[1] for chunk in chunks_ids)
-        response_ids = torch.cat([torch.nn.functional.pad(c, (0, length - c.shape[1]), value=pad_id)
-                                  for c in chunks_ids])
-        sampler_logprobs = torch.cat([torch.nn.functional.pad(c, (0, length - c.shape[1]))
-                                      for c in chunks_logprobs])
-        sampler_entropy = torch.cat([torch.nn.functional.pad(c, (0, length - c.shape[1]))
-                                     for c in chunks_entropy])
+        length = max(chunk[0].shape[1] for chunk in chunks)
+        response_ids, sampler_logprobs, sampler_entropy = (
+            torch.cat([torch.nn.functional.pad(chunk[i], (0, length - chunk[i].shape[1]), value=fill)
+                       for chunk in chunks]) for i, fill in ((0, pad_id), (1, 0.0), (2, 0.0)))
         response_mask, truncated = response_mask_until_eos(response_ids, self.tokenizer.eos_token_id)
         response_ids = response_ids.masked_fill(response_mask == 0, pad_id)
         sampler_logprobs = sampler_logprobs * response_mask
@@ -136,29 +79,123 @@ class HFRolloutEngine:
                         sampler_entropy=sampler_entropy)
 
     def sync_weights(self, model: torch.nn.Module) -> None:
-        """Nothing to copy: ``generate`` runs the live student."""
+        """Nothing to copy: the loop runs the live student."""
 
-    def _prefill(self, ids: torch.Tensor, mask: torch.Tensor, n: int) -> Any:
-        """The KV cache of each prompt but its last token, computed once and repeated for its n rows
-        (None when there is nothing to prefill); ``generate`` then runs only the last prompt token."""
-        if ids.shape[1] < 2:
-            return None
-        model = unwrap(self.model)
-        out = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1],
-                    position_ids=position_ids_from_mask(mask[:, :-1]), use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
-        if n > 1:
-            cache.batch_repeat_interleave(n)
-        return cache
+
+class TokenSampler:
+    """The decoding loop for one batch of whole prompt groups: tokens, pi_old and H(pi_old) per step."""
+
+    def __init__(self, sampling: SamplingParams, eos_ids: list[int], pad_id: int):
+        self.greedy = sampling.temperature == 0
+        self.temperature = sampling.temperature if not self.greedy else 1.0
+        self.max_new_tokens = sampling.max_new_tokens
+        self.top_p = None
+        if not self.greedy and sampling.top_p < 1.0:
+            from transformers import TopPLogitsWarper  # the same nucleus rule generate applies
+
+            self.top_p = TopPLogitsWarper(sampling.top_p)
+        self.eos_ids = torch.tensor(eos_ids, dtype=torch.long)
+        self.pad_id = pad_id
+
+    # ended rows leave the forward batch once they are this fraction of it (each drop copies the KV cache)
+    drop_finished_at = 0.25
+
+    def run(self, model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, n: int
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[rows, R] tokens, log-probs of the chosen tokens and entropies, rows = prompts x n.
+
+        Rows that have ended leave the forward batch (their KV cache rows are dropped) once they are
+        ``drop_finished_at`` of it; the sampling step still draws for every row, so the generator is
+        consumed as before and the rows still running get the same tokens.
+        """
+        device = ids.device
+        cache_key = cache_keyword(model)
+        cache = prefill(model, ids, mask, n, cache_key)
+        attention = mask.repeat_interleave(n, 0)
+        position = position_ids_from_mask(attention)[:, -1:]
+        tokens = ids[:, -1:].repeat_interleave(n, 0)
+        rows = tokens.shape[0]
+        eos_ids = self.eos_ids.to(device)
+        unfinished = torch.ones(rows, dtype=torch.bool, device=device)
+        batch = torch.arange(rows, device=device)  # the rows in the forward batch
+        chosen, logprob_steps, entropy_steps = [], [], []
+        for _ in range(self.max_new_tokens):
+            out = model(input_ids=tokens, attention_mask=attention, position_ids=position, use_cache=True,
+                        logits_to_keep=1, **{cache_key: cache})
+            cache = returned_cache(out)
+            logprobs = torch.log_softmax(out.logits[:, -1].float() / self.temperature, dim=-1)
+            token = self._sample(logprobs, batch, rows).masked_fill(~unfinished, self.pad_id)  # ended: padding
+            entropy, logprob = logprobs.new_zeros(rows), logprobs.new_zeros(rows)
+            entropy[batch] = -(logprobs.exp() * logprobs).nan_to_num().sum(-1)
+            logprob[batch] = logprobs.gather(-1, token[batch, None]).squeeze(-1)
+            chosen.append(token)
+            logprob_steps.append(logprob)
+            entropy_steps.append(entropy)
+            unfinished &= ~torch.isin(token, eos_ids)
+            if not bool(unfinished.any()):
+                break
+            running = unfinished[batch]
+            ended = len(batch) - int(running.sum())
+            if ended and ended >= self.drop_finished_at * len(batch):
+                keep = running.nonzero().squeeze(1)
+                cache.batch_select_indices(keep)
+                batch, attention, position = batch[keep], attention[keep], position[keep]
+            tokens = token[batch, None]
+            attention = torch.cat([attention, attention.new_ones((len(batch), 1))], dim=-1)
+            position = position + 1
+        if not chosen:
+            empty = torch.zeros(rows, 0, device=device)
+            return empty.long(), empty, empty
+        return torch.stack(chosen, 1), torch.stack(logprob_steps, 1), torch.stack(entropy_steps, 1)
+
+    def _sample(self, logprobs: torch.Tensor, batch: torch.Tensor, rows: int) -> torch.Tensor:
+        """One token per row; ``logprobs`` holds the rows in the forward batch."""
+        token = torch.full((rows,), self.pad_id, dtype=torch.long, device=logprobs.device)
+        if self.greedy:
+            token[batch] = logprobs.argmax(-1)
+            return token
+        scores = self.top_p(None, logprobs) if self.top_p is not None else logprobs
+        # generate's draw: one multinomial over all rows. With one sample it takes one exponential per
+        # entry whatever the probabilities, so rows outside the batch get any valid distribution.
+        probs = logprobs.new_ones((rows, logprobs.shape[-1]))
+        probs[batch] = torch.softmax(scores, dim=-1)
+        return torch.multinomial(probs, num_samples=1).squeeze(1)
+
+
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The forward's KV-cache argument: ``cache`` from transformers 5.2x on, ``past_key_values`` before."""
+    parameters = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def returned_cache(out: Any) -> Any:
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+def prefill(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, n: int, cache_key: str) -> Any:
+    """The KV cache of each prompt but its last token, computed once and repeated for its n rows
+    (None when there is nothing to prefill): the prefill costs 1/G of prefilling every row."""
+    if ids.shape[1] < 2:
+        return None
+    out = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=position_ids_from_mask(mask[:, :-1]),
+                use_cache=True, logits_to_keep=1)
+    cache = returned_cache(out)
+    if n > 1:
+        cache.batch_repeat_interleave(n)
+    return cache
+
+
+def eos_token_ids(eos_token_id: Any) -> list[int]:
+    ids = eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]
+    return [int(eos) for eos in ids if eos is not None]
 
 
 def response_mask_until_eos(response_ids: torch.Tensor, eos_token_id: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """1 on every token up to and including the first EOS; rows without EOS are truncated."""
-    eos_ids = eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]
     is_eos = torch.zeros_like(response_ids, dtype=torch.bool)
-    for eos in eos_ids:
-        if eos is not None:
-            is_eos |= response_ids == eos
+    for eos in eos_token_ids(eos_token_id):
+        is_eos |= response_ids == eos
     # tokens strictly after the first EOS have a cumulative EOS count that already counted it
     eos_before = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
     mask = (~eos_before).float()

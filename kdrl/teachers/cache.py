@@ -33,7 +33,7 @@ from kdrl.config import Config, ConfigError
 from kdrl.data import PromptSampler, load_problems, make_encoder, resolve_data_path
 from kdrl.models import (check_tokenizers_compatible, load_model, load_tokenizer, pick_device, resolve_model_path,
                          seed_everything, set_cpu_threads)
-from kdrl.rollout import SamplingParams, make_engine
+from kdrl.rollout import SamplingParams, engine_options, make_engine
 from kdrl.rollout.rows import pack, unpack
 from kdrl.teachers.base import Teacher
 from kdrl.teachers.local import make_scorer
@@ -132,7 +132,8 @@ def build_teacher_cache(config: Config, out: Optional[str] = None) -> Path:
     set_cpu_threads(config.train.cpu_threads, device, student)
     engine = make_engine(config.rollout.engine, model=student, tokenizer=tokenizer,
                          encode=make_encoder(tokenizer, config, config.data.max_prompt_tokens),
-                         generation_batch_size=config.rollout.generation_batch_size)
+                         generation_batch_size=config.rollout.generation_batch_size,
+                         **engine_options(config.rollout.engine, config.rollout.vllm, config.train.seed))
     scorer = make_scorer(teacher, config)
     sampling = SamplingParams(config.rollout.temperature, config.rollout.top_p, config.rollout.max_new_tokens)
     size = config.rollout.group_size

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from kdrl.batching import length_buckets, response_lengths
 from kdrl.config import Config
 from kdrl.models import logit_scale, output_projection, response_hidden_states, token_logprobs_from_hidden
 from kdrl.teachers.base import Teacher
@@ -26,18 +27,22 @@ class LocalTeacher(Teacher):
         scale = logit_scale(self.model)
         input_ids, attention_mask = rollouts.input_ids(), rollouts.attention_mask()
         width = rollouts.prompt_ids.shape[1]
-        logprobs, hiddens = [], []
-        for start in range(0, rollouts.num_rows, self.micro_batch_size):
-            rows = slice(start, start + self.micro_batch_size)
-            hidden = response_hidden_states(self.model, input_ids[rows].to(device),
-                                            attention_mask[rows].to(device), width)
-            logprobs.append(token_logprobs_from_hidden(hidden, weight, bias, rollouts.response_ids[rows].to(device),
-                                                       self.chunk_size, scale / self.temperature).cpu())
+        lengths = response_lengths(rollouts.response_mask)
+        token_logprobs = torch.zeros(rollouts.response_ids.shape)
+        hiddens = None
+        # rows of similar length together, each micro-batch cut to its longest response (kdrl.batching)
+        for rows in length_buckets(lengths, self.micro_batch_size, width):
+            length = max(1, int(lengths[rows].max()))
+            hidden = response_hidden_states(self.model, input_ids[rows, :width + length].to(device),
+                                            attention_mask[rows, :width + length].to(device), width)
+            token_logprobs[rows, :length] = token_logprobs_from_hidden(
+                hidden, weight, bias, rollouts.response_ids[rows, :length].to(device), self.chunk_size,
+                scale / self.temperature).cpu()
             if need_hidden:
-                hiddens.append(hidden * scale if scale != 1.0 else hidden)
-        token_logprobs = torch.cat(logprobs) * rollouts.response_mask
-        return TeacherOutput(token_logprobs=token_logprobs,
-                             hidden_states=torch.cat(hiddens) if need_hidden else None,
+                if hiddens is None:
+                    hiddens = hidden.new_zeros(*rollouts.response_ids.shape, hidden.shape[-1])
+                hiddens[rows.to(device), :length] = hidden * scale if scale != 1.0 else hidden
+        return TeacherOutput(token_logprobs=token_logprobs * rollouts.response_mask, hidden_states=hiddens,
                              output_weight=weight if need_hidden else None,
                              output_bias=(bias * scale if scale != 1.0 else bias) if need_hidden and bias is not None
                              else None)

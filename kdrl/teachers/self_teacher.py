@@ -31,8 +31,8 @@ class SelfTeacher(Teacher):
     average of the student, updated after every step)."""
 
     def __init__(self, cfg: SelfTeacherConfig, student: torch.nn.Module, initial: Optional[torch.nn.Module],
-                 encode: Callable[[Problem, str], list[int]], pad_id: int, micro_batch_size: int = 64,
-                 chunk_size: int = 1024, temperature: float = 1.0):
+                 encode: Callable[[Problem, str], list[int]], pad_id: int,
+                 scorer_of: Callable[[torch.nn.Module], Teacher] = LocalTeacher):
         self.cfg = cfg
         self.student = student
         self.encode = encode
@@ -46,7 +46,7 @@ class SelfTeacher(Teacher):
         else:  # ema: starts as the student, follows it
             model = copy.deepcopy(student).eval().requires_grad_(False)
         self.model = model
-        self.scorer = LocalTeacher(model, micro_batch_size, chunk_size, temperature)
+        self.scorer = scorer_of(model)  # the run's micro-batch, chunk size and temperature (teachers.make_scorer)
 
     def check(self, problems: list[Problem], where: str) -> None:
         """Every problem has a solution and a privileged prompt that fits: fail before training."""
