@@ -17,7 +17,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from kdrl.config import ConfigError, ObjectiveConfig, objective_errors
+from kdrl.config import ConfigError, ObjectiveConfig
+from kdrl.config_rules import objective_errors
 from kdrl.objective.advantages import ADVANTAGES
 from kdrl.objective.divergences import SAMPLED_KL, VOCAB_DIVERGENCES, upcast, vocab_terms_chunked
 from kdrl.objective.policy_gradient import OFFPOLICY_PG, PGTokens, clipped, importance_ratio, policy_gradient
