@@ -82,9 +82,10 @@ def run_dir(out_dir: Path, method: str, seed: int) -> Path:
 
 
 def train_one(config) -> None:
-    """One benchmark run; its summary.json (with the run's wall time) marks it finished."""
+    """One benchmark run; its summary.json (with the run's wall time) marks it finished. A run
+    directory without one is a run killed part way: it is cleared and the run starts again."""
     started = time.perf_counter()
-    summary = train(config)
+    summary = train(config, overwrite=True)
     summary["wall_seconds"] = time.perf_counter() - started
     (Path(config.log.run_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
 

@@ -72,3 +72,23 @@ def test_pairs_must_name_benchmarked_methods(tmp_path):
     with pytest.raises(ConfigError, match="kdrl_auto"):
         run_benchmark(["grpo", "kdrl"], [0], tmp_path, [], {}, 0.5, "test", method_pairs=[("kdrl_auto", "kdrl")])
     assert not (tmp_path / "runs").exists()  # refused before anything trained
+
+
+def test_benchmark_reruns_a_run_killed_part_way(tiny_overrides, tmp_path):
+    """A run directory without summary.json (the run was killed) is cleared and trained again,
+    not refused as "already holds a run"."""
+    from kdrl.bench import run_benchmark
+    from kdrl.config import load_config
+    from kdrl.trainer import train
+
+    overrides = [o for o in tiny_overrides if not o.startswith("log.run_dir")] + ["train.steps=2"]
+    killed = tmp_path / "bench" / "runs" / "grpo-seed0"
+    train(load_config("recipes/grpo.yaml", overrides + [f"log.run_dir={killed}"]))
+    (killed / "summary.json").unlink()  # as if killed before the end
+    results = run_benchmark(["grpo"], [0], tmp_path / "bench", overrides, {}, 0.5, "kdrl bench (test)",
+                            method_pairs=[])
+    assert (killed / "summary.json").is_file()
+    steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "train"]
+    assert steps == [1, 2]  # one run's lines, not two runs' mixed
+    assert [row["method"] for row in results["rows"]] == ["grpo"]
