@@ -19,6 +19,7 @@ from typing import Optional
 from kdrl.config import ConfigError, load_config
 from kdrl.evaluate import EVAL_PROBLEMS_FILE, paired_bootstrap
 from kdrl.logger import read_metrics
+from kdrl.trainer import train
 
 # the key comparisons of issue 16 (A − B), used when --pairs is not given and both methods ran
 DEFAULT_PAIRS = [("kdrl", "kd_rkl"), ("kdrl", "grpo"), ("kd_then_rl", "kdrl")]
@@ -82,8 +83,6 @@ def run_dir(out_dir: Path, method: str, seed: int) -> Path:
 
 def train_one(config) -> None:
     """One benchmark run; its summary.json (with the run's wall time) marks it finished."""
-    from kdrl.trainer import train
-
     started = time.perf_counter()
     summary = train(config)
     summary["wall_seconds"] = time.perf_counter() - started

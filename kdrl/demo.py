@@ -4,15 +4,17 @@
 
     out_dir/teacher/   Qwen2ForCausalLM (safetensors) + tokenizer + generation_config
     out_dir/student/   a smaller, on purpose undertrained Qwen2 with the same tokenizer
-    out_dir/data/      train.jsonl, test_id.jsonl, test_ood.jsonl (kdrl.tasks.chains)
+    out_dir/data/      train.jsonl, test_id.jsonl, test_ood.jsonl (kdrl.tasks.sums)
     out_dir/manifest.json
 
-Both models learn the chain task (kdrl/tasks/chains.py) by plain supervised
-fine-tuning on ``prompt + solution + eos`` with the loss on the response tokens
-only.  The teacher is trained until it is good but imperfect; the student is
-stopped early, while it writes the answer format but gets few chains right, so
-that RL and distillation have something to improve.  No chat template: the
-prompt text is exactly what the model sees before its response.
+Both models learn the running-sums task (kdrl/tasks/sums.py) by plain supervised
+fine-tuning on ``prompt + solution + eos`` of its ``sft`` pool, with the loss on the
+response tokens only.  The teacher is trained until it is good but imperfect; the
+student is stopped early, while it writes the answer format but gets few sums right,
+so that RL and distillation have something to improve.  No chat template: the prompt
+text is exactly what the model sees before its response.  (``build_tokenizer`` and
+``make_model`` also build the test fixtures, which use the older chains-mod10 task:
+keep them unchanged.)
 
 Command line: ``python -m kdrl.demo --out kdrl/assets/demo [--seed 0] [--scale full|toy]``.
 """
@@ -33,12 +35,8 @@ from typing import Callable
 
 import torch
 
-from kdrl.tasks.chains import (
-    ChainTaskConfig,
-    export_jsonl,
-    generate_problems,
-    is_correct,
-)
+from kdrl.tasks.chains import export_jsonl
+from kdrl.tasks.sums import SumsTaskConfig, chain_correct, generate_problems, is_correct
 
 PAD_TOKEN = "<|pad|>"
 EOS_TOKEN = "<|eos|>"
@@ -181,7 +179,7 @@ def train_sft(
     Every ``eval_every`` steps ``eval_fn(step)`` returns an accuracy; training stops
     early once it reaches ``stop_at`` at a step >= ``stop_min_step`` (the early stop
     that keeps a model imperfect).  Once the accuracy is within ``dense_eval_margin``
-    of ``stop_at`` it is checked five times as often, so that a sudden jump in
+    (at most half of ``stop_at``) of ``stop_at`` it is checked five times as often, so that a sudden jump in
     accuracy does not overshoot the target by much.
     Returns ``{"steps", "seconds", "final_loss", "evals": [(step, acc), ...]}``.
     """
@@ -229,7 +227,7 @@ def train_sft(
             if stop_at is not None and acc >= stop_at and step >= stop_min_step:
                 log(f"  early stop at step {step} (accuracy {acc:.3f} >= {stop_at})")
                 break
-            close = stop_at is not None and acc >= stop_at - dense_eval_margin
+            close = stop_at is not None and acc >= stop_at - min(dense_eval_margin, stop_at / 2)
             next_eval = step + (max(1, eval_every // 5) if close else eval_every)
     model.eval()
     return {"steps": step, "seconds": round(time.time() - t0, 1), "final_loss": ema, "evals": evals}
@@ -261,15 +259,18 @@ def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int = 
 
 
 def evaluate(model, tokenizer, problems: list[dict], max_new_tokens: int = 80, batch_size: int = 256) -> dict:
-    """Greedy accuracy, fraction of responses with a ``\\boxed{}``, accuracy by chain length."""
+    """Greedy accuracy, whole-chain correctness, fraction of responses with a ``\\boxed{}``,
+    accuracy by chain length."""
     responses = generate_greedy(model, tokenizer, [p["prompt"] for p in problems], max_new_tokens, batch_size)
     correct = [is_correct(p, r) for p, r in zip(problems, responses)]
+    chains = [chain_correct(p, r) for p, r in zip(problems, responses)]
     by_steps: dict[int, list[bool]] = {}
     for p, c in zip(problems, correct):
         by_steps.setdefault(p["metadata"]["steps"], []).append(c)
     return {
         "n": len(problems),
         "accuracy": round(sum(correct) / max(1, len(correct)), 4),
+        "chain_correct": round(sum(chains) / max(1, len(chains)), 4),
         "boxed_rate": round(sum("\\boxed{" in r for r in responses) / max(1, len(responses)), 4),
         "accuracy_by_steps": {str(k): round(sum(v) / len(v), 4) for k, v in sorted(by_steps.items())},
         "samples": [{"prompt": p["prompt"], "response": r} for p, r in list(zip(problems, responses))[:3]],
@@ -296,22 +297,23 @@ class TrainSpec:
     n_examples: int  # distinct training problems the model sees
     eval_every: int = 0
     stop_at: float | None = None  # early stop once validation accuracy reaches this
-    stop_min_step: int = 0  # ... but not before this step (chance level is 10%)
+    stop_min_step: int = 0  # ... but not before this step
 
 
 SCALES = {
     "full": {
-        "n_train": 2000, "n_test_id": 500, "n_test_ood": 500, "n_val": 300, "max_new_tokens": 80,
-        "teacher": ModelSpec(hidden_size=192, layers=4, heads=6, intermediate=768),
-        "student": ModelSpec(hidden_size=96, layers=4, heads=4, intermediate=352),
-        # The teacher stops once it solves 85% of validation chains (it would reach ~100%).
+        "n_train": 2000, "n_test_id": 500, "n_test_ood": 500, "n_val": 200, "max_new_tokens": 64,
+        # head_dim 32 in both (vLLM's CPU attention supports 32 and 64); student/teacher ~0.2 in size
+        "teacher": ModelSpec(hidden_size=128, layers=4, heads=4, intermediate=512),
+        "student": ModelSpec(hidden_size=64, layers=3, heads=2, intermediate=256),
+        # The teacher stops once it solves 85% of validation sums (it would reach ~100%).
         "teacher_train": TrainSpec(steps=1200, batch_size=64, lr=3e-3, warmup=100, n_examples=50000,
-                                   eval_every=25, stop_at=0.85),
-        # The student stops as soon as it solves 25% of validation chains (chance is 10%):
-        # it has learned the format and the copying of operands, not yet most of the
-        # arithmetic, which a few dozen more SFT steps would teach it.
-        "student_train": TrainSpec(steps=400, batch_size=64, lr=3e-3, warmup=100, n_examples=50000,
-                                   eval_every=25, stop_at=0.25, stop_min_step=100),
+                                   eval_every=50, stop_at=0.85),
+        # The student stops as soon as it solves 15% of validation sums (guessing gets ~1%): it
+        # writes the format and copies operands, and gets part of the carries right, so that
+        # the outcome reward alone (GRPO) has successes to learn from.
+        "student_train": TrainSpec(steps=1200, batch_size=64, lr=3e-3, warmup=100, n_examples=50000,
+                                   eval_every=50, stop_at=0.15, stop_min_step=100),
     },
     "toy": {
         "n_train": 32, "n_test_id": 16, "n_test_ood": 16, "n_val": 8, "max_new_tokens": 24,
@@ -361,7 +363,7 @@ def prepare_demo(
     random.seed(seed)
     torch.manual_seed(seed)
     os.makedirs(out_dir, exist_ok=True)
-    task = ChainTaskConfig()
+    task = SumsTaskConfig()
 
     # Data.  The shipped train file and the (larger) SFT pool both come from the
     # train split, which is disjoint from test_id by construction.
@@ -372,10 +374,10 @@ def prepare_demo(
     }
     for split, problems in data.items():
         export_jsonl(problems, os.path.join(out_dir, "data", f"{split}.jsonl"))
-    sft_pool = generate_problems("train", max(S["teacher_train"].n_examples, S["student_train"].n_examples),
+    sft_pool = generate_problems("sft", max(S["teacher_train"].n_examples, S["student_train"].n_examples),
                                  seed + 1000, task)
     # Validation for early stopping: another draw from the train split (it may share
-    # prompts with the SFT pool, never with test_id).
+    # prompts with the SFT pool, never with test_id or test_ood).
     val = generate_problems("train", S["n_val"], seed + 2000, task)
     log(f"[demo] data: train {len(data['train'])}, test_id {len(data['test_id'])}, "
         f"test_ood {len(data['test_ood'])}, sft pool {len(sft_pool)}, val {len(val)}")
@@ -400,7 +402,8 @@ def prepare_demo(
         log(f"[demo] {role}: trained {train_info['steps']} steps in {train_info['seconds']}s; evaluating")
         ev = {split: evaluate(model, tokenizer, data[split], S["max_new_tokens"]) for split in ("test_id", "test_ood")}
         for split, e in ev.items():
-            log(f"[demo] {role} {split}: accuracy {e['accuracy']:.3f}, boxed {e['boxed_rate']:.3f}, "
+            log(f"[demo] {role} {split}: accuracy {e['accuracy']:.3f}, chain correct {e['chain_correct']:.3f}, "
+                f"boxed {e['boxed_rate']:.3f}, "
                 f"by steps {e['accuracy_by_steps']}")
         _save_model(model, tokenizer, os.path.join(out_dir, role))
         results[role] = {
@@ -413,7 +416,7 @@ def prepare_demo(
         }
 
     manifest = {
-        "name": "kdrl demo bundle: chain arithmetic (kdrl.tasks.chains)",
+        "name": "kdrl demo bundle: running sums (kdrl.tasks.sums)",
         "command": f"python -m kdrl.demo --out <dir> --seed {seed} --scale {scale} --threads {threads}",
         "seed": seed,
         "scale": scale,

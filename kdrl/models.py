@@ -15,6 +15,7 @@ from typing import Any, Optional
 import torch
 
 from kdrl.config import ConfigError, ModelConfig
+from kdrl.cpu_threads import apply_cpu_threads
 from kdrl.paths import path_problem
 
 BUNDLED_PREFIX = "bundled:"
@@ -121,8 +122,6 @@ def seed_everything(seed: int) -> None:
 def set_cpu_threads(threads: int, device: torch.device, model: torch.nn.Module) -> None:
     """``train.cpu_threads`` (0 = auto: the fastest count on a start-up probe, kdrl.cpu_threads);
     nothing on an accelerator."""
-    from kdrl.cpu_threads import apply_cpu_threads
-
     apply_cpu_threads(threads, device, model)
 
 

@@ -7,10 +7,10 @@ def char_parity(problem, response: str) -> float:
 
 
 def even_answer(problem, response: str) -> float:
-    """1 when the last boxed answer is an even digit: easy for the bundled student to learn."""
+    """1 when the last boxed answer is an even number: easy for the bundled student to learn."""
     import re
 
-    answers = re.findall(r"\\boxed\{(\d)\}", response)
+    answers = re.findall(r"\\boxed\{(\d+)\}", response)
     return 1.0 if answers and int(answers[-1]) % 2 == 0 else 0.0
 
 

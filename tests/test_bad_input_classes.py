@@ -291,3 +291,25 @@ def test_cache_teacher_accepts_overrides_after_out(tiny_assets, tmp_path):
 def test_dangerous_reward_callables_are_refused(tiny_assets, run_dir, capsys, spec, needle):
     line = fails(capsys, *base_args(tiny_assets, run_dir), f"reward.functions=[{spec}]")
     assert line.startswith("kdrl: error: reward.functions:") and needle in line
+
+
+def test_empty_directory_as_data(tiny_assets, run_dir, tmp_path, capsys):
+    (tmp_path / "folder").mkdir()
+    line = fails(capsys, *base_args(tiny_assets, run_dir), f"data.train={tmp_path / 'folder'}")
+    assert "folder: a directory, but not one saved by datasets.save_to_disk" in line
+
+
+def test_plot_of_a_directory_that_is_not_a_run(tmp_path):
+    assert_one_line_error(run_kdrl("plot", str(tmp_path / "nowhere")), "nowhere: not a run directory")
+
+
+def test_full_disk_while_writing_the_config_leaves_nothing(tiny_assets, tmp_path):
+    import resource
+
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "kdrl", "train", RECIPE, *base_args(tiny_assets, run)],
+                            capture_output=True, text=True, timeout=300, env=env,
+                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024)))
+    assert_one_line_error(result, "the disk is full (or a file-size limit, ulimit -f, was reached)")
+    assert not run.exists()

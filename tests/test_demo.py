@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kdrl.demo import build_tokenizer, evaluate, make_model, num_params, prepare_demo
 from kdrl.tasks import generate_problems, load_jsonl
+from kdrl.tasks import sums
 
 BUNDLE = Path(__file__).resolve().parents[1] / "kdrl" / "assets" / "demo"
 
@@ -28,7 +29,7 @@ def _roundtrip(tok):
         assert tok.decode(ids) == s
         if s.isascii():
             assert len(ids) == len(s)  # one token per character
-    for p in generate_problems("train", 50, seed=0):
+    for p in generate_problems("train", 50, seed=0) + sums.generate_problems("test_ood", 50, seed=0):
         text = p["prompt"] + p["solution"]
         assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
 
@@ -111,15 +112,26 @@ def test_shipped_bundle():
         toks[role], models[role] = _load(BUNDLE / role)
         assert (BUNDLE / role / "model.safetensors").exists()
     assert num_params(models["student"]) * 4 <= num_params(models["teacher"])
+    for model in models.values():  # vLLM's CPU attention supports head sizes 32 and 64
+        assert model.config.hidden_size // model.config.num_attention_heads in (32, 64)
     assert toks["student"].get_vocab() == toks["teacher"].get_vocab() == build_tokenizer().get_vocab()
     data = {s: load_jsonl(BUNDLE / "data" / f"{s}.jsonl") for s in ("train", "test_id", "test_ood")}
     assert len(data["train"]) >= 1000 and len(data["test_id"]) >= 200 and len(data["test_ood"]) >= 200
     assert not {p["prompt"] for p in data["train"]} & {p["prompt"] for p in data["test_id"]}
-    # A quick look at behaviour: the teacher solves most in-distribution chains, the
+    assert all(p["metadata"]["task"] == "sums" for rows in data.values() for p in rows)
+    for rows in data.values():  # every shipped reference solution is right, chain and answer
+        assert all(sums.chain_correct(p, p["solution"]) for p in rows)
+    # The bundle's measured levels (500-problem sets, greedy): teacher 70-95% in distribution and
+    # well below that out of distribution; student at most 30% but above guessing.
+    ev = {role: manifest[role]["eval"] for role in ("teacher", "student")}
+    assert 0.70 <= ev["teacher"]["test_id"]["accuracy"] <= 0.95
+    assert 0.25 <= ev["teacher"]["test_ood"]["accuracy"] <= 0.60
+    assert 0.05 <= ev["student"]["test_id"]["accuracy"] <= 0.30
+    # A quick look at behaviour, re-measured: the teacher solves most in-distribution sums, the
     # student writes the answer format but solves few.
     probe = data["test_id"][:48]
     t = evaluate(models["teacher"], toks["teacher"], probe, max_new_tokens=48)
     s = evaluate(models["student"], toks["student"], probe, max_new_tokens=48)
-    assert t["accuracy"] >= 0.6
+    assert t["accuracy"] >= 0.6 and t["chain_correct"] >= 0.55
     assert s["boxed_rate"] >= 0.9 and s["accuracy"] <= 0.45
     assert manifest["teacher"]["parameters"] == num_params(models["teacher"])

@@ -19,12 +19,13 @@ from kdrl.tasks.chains import (
     solve,
 )
 from kdrl.tasks.chains import TASK as CHAINS
+from kdrl.tasks import sums
 from kdrl.types import Problem
 
 ProcessMetric = Callable[[Problem, str], bool]
 
 # metadata["task"] -> whether a response's whole chain is right
-PROCESS_METRICS: dict[str, ProcessMetric] = {CHAINS: chain_correct}
+PROCESS_METRICS: dict[str, ProcessMetric] = {CHAINS: chain_correct, sums.TASK_NAME: sums.chain_correct}
 
 
 def process_metric(problem: Problem) -> Optional[ProcessMetric]:
@@ -45,4 +46,5 @@ __all__ = [
     "load_jsonl",
     "process_metric",
     "solve",
+    "sums",
 ]
