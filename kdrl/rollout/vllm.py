@@ -202,9 +202,12 @@ class VLLMRolloutEngine:
         prompts = [self.encode(problem, suffix) for problem, suffix in zip(problems, suffixes)]
         # one draw from the global generator per call: reproducible, and restored with a checkpoint
         base = int(torch.randint(0, MAX_SEED - n * len(prompts), ()))
-        params = [self._sampling_params(sampling, n, base + index * n) for index in range(len(prompts))]
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompts], params,
-                                    use_tqdm=False)
+        # vLLM refuses n > 1 with greedy sampling: then each prompt is sent n times (same rows)
+        copies, per_request = (n, 1) if sampling.temperature == 0 else (1, n)
+        requests = [TokensPrompt(prompt_token_ids=ids) for ids in prompts for _ in range(copies)]
+        params = [self._sampling_params(sampling, per_request, base + index * per_request)
+                  for index in range(len(requests))]
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
         self._sleep()
         completions = [completion for output in outputs
                        for completion in sorted(output.outputs, key=lambda c: c.index)]
