@@ -138,6 +138,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         method, _, override = item.partition(":")
         method_overrides.setdefault(method, []).append(override)
     command = "kdrl bench " + " ".join(shlex.quote(a) for a in args.argv)
+    # --methods and --pairs take any number of values, so key=value overrides written after them land
+    # there; no method or pair name holds "=", so they are overrides wherever they were written
+    for values in (args.methods, args.pairs or []):
+        args.overrides += [item for item in values if "=" in item]
+        values[:] = [item for item in values if "=" not in item]
     pairs = None if args.pairs is None else [parse_pair(item) for item in args.pairs]
     results = run_benchmark(args.methods, list(range(args.seeds)), Path(args.out), args.overrides,
                             method_overrides, args.target, command, jobs=args.jobs, method_pairs=pairs)

@@ -73,3 +73,24 @@ def test_eval_writes_json_and_table(tmp_path, tiny_assets):
     per_problem = json.loads((tmp_path / "eval_problems.json").read_text())["student"]["test"]
     assert len(per_problem) == metrics["num_problems"] and all(len(r["correct"]) == 2 for r in per_problem)
     assert sum(map(sum, (r["correct"] for r in per_problem))) / (2 * len(per_problem)) == metrics["accuracy"]
+
+
+def test_bench_overrides_after_methods_or_pairs_are_overrides(monkeypatch, tmp_path):
+    """`--methods` and `--pairs` take any number of values; a key=value written after them is an
+    override, not a method or pair name."""
+    import kdrl.bench
+    from kdrl.cli import main
+
+    seen = {}
+
+    def fake_run_benchmark(methods, seeds, out, overrides, method_overrides, target, command, jobs=1,
+                           method_pairs=None):
+        seen.update(methods=methods, overrides=overrides, pairs=method_pairs)
+        return {"rows": [], "pairs": [], "methods": methods}
+
+    monkeypatch.setattr(kdrl.bench, "run_benchmark", fake_run_benchmark)
+    monkeypatch.setattr(kdrl.bench, "markdown", lambda results: "")
+    main(["bench", "--out", str(tmp_path), "--methods", "grpo", "kdrl", "train.steps=60", "--pairs", "kdrl:grpo",
+          "eval.samples=4"])
+    assert seen == {"methods": ["grpo", "kdrl"], "overrides": ["train.steps=60", "eval.samples=4"],
+                    "pairs": [("kdrl", "grpo")]}
