@@ -27,6 +27,7 @@ from kdrl.distributed import full_model_state
 from kdrl.models import unwrap
 from kdrl.rollout import SamplingParams
 from kdrl.rollout.hf import response_mask_until_eos
+from kdrl.rollout.rows import left_pad
 from kdrl.teachers import LocalTeacher
 from kdrl.types import Problem, Rollouts
 
@@ -221,12 +222,7 @@ class VLLMRolloutEngine:
 
     def _rollouts(self, problems: list[Problem], n: int, prompts: list[list[int]], completions: list[Any]) -> Rollouts:
         pad_id = self.tokenizer.pad_token_id
-        width = max(len(ids) for ids in prompts)
-        group_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-        group_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, ids in enumerate(prompts):
-            group_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-            group_mask[row, width - len(ids):] = 1
+        group_ids, group_mask = left_pad(prompts, pad_id)
         length = max(1, max(len(c.token_ids) for c in completions))
         response_ids = torch.full((len(completions), length), pad_id, dtype=torch.long)
         sampler_logprobs = torch.zeros((len(completions), length))
