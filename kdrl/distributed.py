@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import types
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Optional
@@ -95,8 +95,15 @@ def init_distributed(device_name: str = "auto") -> tuple[Distributed, torch.devi
 
 
 def close_distributed() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    """Every rank reaches teardown before any closes its connections: a gloo rank whose peer has
+    already destroyed the group can abort (SIGABRT) at exit. The wait is bounded, so a rank that
+    stopped on an error never waits for one that cannot come."""
+    if not dist.is_initialized():
+        return
+    if dist.get_backend() == "gloo":
+        with suppress(Exception):  # a peer that never comes: tear down anyway
+            dist.monitored_barrier(timeout=timedelta(seconds=30))
+    dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------- FSDP2

@@ -107,7 +107,7 @@ def test_two_processes_match_one_process(tiny_overrides, tmp_path):
     for worker in workers:
         worker.join(timeout=120)
     errors = [torch.load(f, weights_only=False) for f in sorted(tmp_path.glob("error-*.pt"))]
-    assert not errors and all(worker.exitcode == 0 for worker in workers), errors
+    assert not errors and all(worker.exitcode == 0 for worker in workers), (errors, [w.exitcode for w in workers])
     two_metrics, two_grads = torch.load(result_file, weights_only=False)
 
     for key in ("loss", "pg_loss", "kd_loss", "kd_value", "entropy", "grad_norm"):
@@ -180,7 +180,7 @@ def test_two_processes_train_every_recipe_with_failed_groups_on_one_rank(tiny_ov
         worker.kill()
     errors = [torch.load(f, weights_only=False) for f in sorted(tmp_path.glob("error-*.pt"))]
     assert not hung, f"{recipe}: the two processes waited on different collectives"
-    assert not errors and all(worker.exitcode == 0 for worker in workers), errors
+    assert not errors and all(worker.exitcode == 0 for worker in workers), (errors, [w.exitcode for w in workers])
     steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in steps if m.get("kind", "train") == "train"][-1] == 2
 
