@@ -113,3 +113,49 @@ def test_rows_leave_the_forward_batch_as_they_end(run, monkeypatch):
     running = [int((rollouts.response_mask[:, step - 1] > 0).sum() - (rollouts.response_ids[:, step - 1] ==
                run.tokenizer.eos_token_id).sum()) for step in range(1, len(sizes) - 1)]
     assert sizes[1] == rollouts.num_rows and sizes[2:] == running  # one forward per step, running rows only
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 0.8)])
+def test_the_preallocated_kv_cache_changes_no_token(run, temperature, top_p, monkeypatch):
+    """Decoding with the preallocated cache gives bitwise the tokens, log-probs and entropies of
+    transformers' own DynamicCache (the forward makes one when given none)."""
+    from kdrl.rollout import kv_cache
+
+    made, real = [], kv_cache.preallocated_cache
+
+    def recorded(model, capacity):
+        made.append(real(model, capacity))
+        return made[-1]
+
+    outputs = []
+    for make in (recorded, lambda model, capacity: None):
+        monkeypatch.setattr(kv_cache, "preallocated_cache", make)
+        torch.manual_seed(4)
+        outputs.append(run.student_engine.generate(run.train_problems[:4], 4, SamplingParams(temperature, top_p, 40)))
+    ours, theirs = outputs
+    assert made and all(isinstance(layer, kv_cache.PreallocatedLayer) for layer in made[0].layers)
+    assert ours.response_mask.sum(-1).unique().numel() > 1  # rows end at different steps (and leave the batch)
+    for name in ("response_ids", "response_mask", "sampler_logprobs", "sampler_entropy", "truncated"):
+        assert torch.equal(getattr(ours, name), getattr(theirs, name)), name
+
+
+def test_a_preallocated_layer_holds_what_a_dynamic_layer_holds():
+    """Appends (past the capacity too), repeats and row selections give DynamicLayer's keys and values."""
+    from transformers.cache_utils import DynamicLayer
+
+    from kdrl.rollout.kv_cache import PreallocatedLayer
+
+    torch.manual_seed(0)
+    ours, theirs = PreallocatedLayer(capacity=3), DynamicLayer()
+    steps = [(torch.randn(2, 3, length, 4), torch.randn(2, 3, length, 4)) for length in (2, 1)]
+    for layer in (ours, theirs):
+        for keys, values in steps:
+            layer.update(keys, values)
+        layer.batch_repeat_interleave(2)
+    for keys, values in [(torch.randn(4, 3, 1, 4), torch.randn(4, 3, 1, 4))] * 2:  # now past the capacity of 3
+        returned = [layer.update(keys, values) for layer in (ours, theirs)]
+        assert all(torch.equal(a, b) for a, b in zip(*returned))
+    for layer in (ours, theirs):
+        layer.batch_select_indices(torch.tensor([3, 0]))
+    assert ours.get_seq_length() == theirs.get_seq_length() == 5
+    assert torch.equal(ours.keys, theirs.keys) and torch.equal(ours.values, theirs.values)

@@ -110,7 +110,7 @@ class TokenSampler:
         """
         device = ids.device
         cache_key = cache_keyword(model)
-        cache = prefill(model, ids, mask, n, cache_key)
+        cache = prefill(model, ids, mask, n, cache_key, capacity=ids.shape[1] + self.max_new_tokens)
         attention = mask.repeat_interleave(n, 0)
         position = position_ids_from_mask(attention)[:, -1:]
         tokens = ids[:, -1:].repeat_interleave(n, 0)
@@ -173,13 +173,20 @@ def returned_cache(out: Any) -> Any:
     return cache if cache is not None else out.past_key_values
 
 
-def prefill(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, n: int, cache_key: str) -> Any:
+def prefill(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, n: int, cache_key: str,
+            capacity: int = 0) -> Any:
     """The KV cache of each prompt but its last token, computed once and repeated for its n rows
-    (None when there is nothing to prefill): the prefill costs 1/G of prefilling every row."""
+    (None when there is nothing to prefill): the prefill costs 1/G of prefilling every row.
+
+    ``capacity``: the positions the cache will hold (prompt + new tokens); given, the cache is
+    preallocated for them (``kdrl.rollout.kv_cache``) instead of copied on every token."""
+    from kdrl.rollout.kv_cache import preallocated_cache  # transformers, imported only to generate
+
+    cache = preallocated_cache(model, capacity) if capacity else None
     if ids.shape[1] < 2:
-        return None
+        return cache
     out = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=position_ids_from_mask(mask[:, :-1]),
-                use_cache=True, logits_to_keep=1)
+                use_cache=True, logits_to_keep=1, **({cache_key: cache} if cache is not None else {}))
     cache = returned_cache(out)
     if n > 1:
         cache.batch_repeat_interleave(n)
