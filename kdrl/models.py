@@ -120,7 +120,7 @@ def seed_everything(seed: int) -> None:
 
 
 def set_cpu_threads(threads: int, device: torch.device, model: torch.nn.Module) -> None:
-    """``train.cpu_threads`` (0 = auto: the fastest count on a start-up probe, kdrl.cpu_threads);
+    """``train.cpu_threads`` (0 = auto: the fastest counts on a start-up probe, kdrl.cpu_threads);
     nothing on an accelerator."""
     apply_cpu_threads(threads, device, model)
 

@@ -27,6 +27,7 @@ from kdrl import checkpoint as ckpt
 from kdrl.batching import micro_batches
 from kdrl.build import Run, build
 from kdrl.config import Config
+from kdrl.cpu_threads import current_policy
 from kdrl.distributed import (MaxOverRanks, SumOverRanks, full_model_state, full_optimizer_state, grad_norm_value,
                               reduce_metrics)
 from kdrl.evaluate import EVAL_PROBLEMS_FILE, evaluate_problems, summary_table
@@ -243,6 +244,8 @@ def train(config: Config, resume: Optional[str | Path] = None, overwrite: bool =
     run = build(config, resume, overwrite)
     logger = run.logger
     logger.write(f"kdrl: run directory {run.run_dir}")
+    if run.device.type == "cpu" and current_policy() is not None:
+        logger.write(f"kdrl: {current_policy().describe()}")
     before = None
     if run.step == 0 and config.eval.before and config.data.eval:
         before = evaluate_student(run)

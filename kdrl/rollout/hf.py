@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from kdrl.cpu_threads import decode_threads
 from kdrl.distributed import gathered_for_generation
 from kdrl.models import position_ids_from_mask, unwrap
 from kdrl.rollout import SamplingParams
@@ -54,7 +55,8 @@ class HFRolloutEngine:
         self.model.eval()
         chunks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         try:
-            with gathered_for_generation(self.model):  # FSDP2: the full weights once, not per token
+            # FSDP2: the full weights once, not per token; on CPU the thread count measured for decoding
+            with gathered_for_generation(self.model), decode_threads():
                 model = unwrap(self.model)
                 for start in range(0, len(prompts), prompts_per_batch):
                     ids = group_ids[start:start + prompts_per_batch].to(device)
