@@ -21,8 +21,9 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-PROBE_FLOPS = 1e10  # per probe forward: long enough to time, short next to a training step
-PROBE_TOKENS = (64, 512)  # at least / at most this many tokens per probe forward
+PROBE_FLOPS = 4e9  # per dense probe forward: long enough to time, short next to a training step
+PROBE_TOKENS = (128, 2048)  # at least / at most this many tokens per dense probe forward (a micro-batch's worth)
+DECODE_ROWS = 64  # rows of the decode-like probe: a typical generation batch (prompts x group size)
 REPEATS = 3  # rounds; each candidate's best round counts
 
 
@@ -56,16 +57,15 @@ def candidate_counts(default: int) -> list[int]:
 
 
 def probe_inputs(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A dense batch (rows of 32 tokens) and a decode-like batch (one token per row), sized to the
-    model so a probe forward costs about PROBE_FLOPS; fixed token ids, so no random generator is
-    drawn from."""
+    """A dense batch (rows of 32 tokens, sized to the model so its forward costs about PROBE_FLOPS)
+    and a decode-like batch (DECODE_ROWS rows of one token); fixed token ids, so no random generator
+    is drawn from."""
     params = sum(p.numel() for p in model.parameters())
     low, high = PROBE_TOKENS
     tokens = int(max(low, min(high, PROBE_FLOPS / (2 * max(params, 1)))))
     vocab = int(getattr(getattr(model, "config", None), "vocab_size", 2) or 2)
-    rows = max(1, tokens // 32)
-    dense = (torch.arange(rows * max(1, tokens // rows)) % vocab).view(rows, -1)
-    decode = (torch.arange(max(1, tokens // 8)) % vocab).view(-1, 1)
+    dense = (torch.arange(tokens // 32 * 32) % vocab).view(-1, 32)
+    decode = (torch.arange(DECODE_ROWS) % vocab).view(-1, 1)
     return {"dense": dense, "decode": decode}
 
 

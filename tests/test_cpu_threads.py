@@ -47,8 +47,8 @@ def test_the_probe_leaves_weights_mode_and_generator_alone():
     assert torch.equal(torch.rand(3), expected)
     assert model.training
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
-    # 1 warm-up + 3 rounds, 2 counts, a dense and a decode batch each: 512 tokens (the tiny model's cap)
-    assert len(seen) == 4 * 2 * 2 and seen[0] == (16, 32) and seen[1] == (64, 1)
+    # 1 warm-up + 3 rounds, 2 counts, a dense and a decode batch each: 2048 tokens (the tiny model's cap)
+    assert len(seen) == 4 * 2 * 2 and seen[0] == (64, 32) and seen[1] == (64, 1)
 
 
 def test_a_given_count_is_used_and_auto_never_exceeds_the_default():
