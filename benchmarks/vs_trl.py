@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -212,7 +213,14 @@ def worker(args: argparse.Namespace) -> None:
     for record in phases[warm:]:
         for key, value in record.items():
             mean_phases[key] = mean_phases.get(key, 0.0) + value / (len(phases) - warm)
-    print("VS_TRL_RESULT " + json.dumps({"per_step": per_step, "threads": torch.get_num_threads(),
+    threads = str(torch.get_num_threads())
+    if args.system == "kdrl":
+        from kdrl.cpu_threads import current_policy
+
+        policy = current_policy()
+        if policy is not None and policy.decode != policy.dense:
+            threads += f" ({policy.decode} decoding)"
+    print("VS_TRL_RESULT " + json.dumps({"per_step": per_step, "threads": threads,
                                          "phases": mean_phases, "steps": len(ends)}), flush=True)
 
 
@@ -222,11 +230,13 @@ def measure(config: str, system: str, paths: dict, measured_steps: int = 0) -> d
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--config", config, "--system", system,
                "--paths", json.dumps(paths), "--measured-steps", str(measured_steps)]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    load_before = os.getloadavg()[0]
     out = subprocess.run(command, capture_output=True, text=True, env=env)
     lines = [line for line in out.stdout.splitlines() if line.startswith("VS_TRL_RESULT ")]
     if out.returncode != 0 or not lines:
         raise RuntimeError(f"{system} on {config} failed:\n{out.stdout[-3000:]}\n{out.stderr[-6000:]}")
-    return json.loads(lines[-1].split(" ", 1)[1])
+    # the 1-minute load average before and after: this run's own process counts about 1 in "after"
+    return {**json.loads(lines[-1].split(" ", 1)[1]), "load": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
 
 
 def summarize(values: list[float]) -> dict:
@@ -250,13 +260,15 @@ def compare(configs: list[str], rounds: int, systems: list[str], root: Path, def
                 result = measure(config, system, paths, short)
                 runs[system].append(result)
                 print(f"{config} round {round_index + 1} {system}: {result['per_step']:.3f} s/step "
-                      f"({result['threads']} threads)", flush=True)
+                      f"({result['threads']} threads, load {result['load'][0]} -> {result['load'][1]})", flush=True)
         summary = {system: summarize([r["per_step"] for r in runs[system]]) for system in systems if runs[system]}
         trl_systems = [s for s in systems if s.startswith("trl") and s in summary]
         best_trl = min(trl_systems, key=lambda s: summary[s]["median"])
         summary["ratio_trl_over_kdrl"] = summary[best_trl]["median"] / summary["kdrl"]["median"]
         summary["best_trl"] = best_trl
         summary["kdrl_phases"] = runs["kdrl"][-1]["phases"]
+        summary["threads"] = {system: [r["threads"] for r in runs[system]] for system in systems if runs[system]}
+        summary["load"] = [load for system in systems for r in runs[system] for load in r["load"]]
         summary["spec"] = {**CONFIGS[config], "student_params": paths.get("student_params"),
                            "teacher_params": paths.get("teacher_params")}
         results[config] = summary
@@ -285,6 +297,18 @@ def phases_table(results: dict) -> str:
         rest = sum(v for k, v in phases.items() if k.startswith("time_")) - sum(named)
         lines.append(f"| {config} | " + " | ".join(f"{value:.3f}" for value in named + [rest])
                      + f" | {phases.get('response_length', 0.0):.1f} |")
+    return "\n".join(lines)
+
+
+def conditions_table(results: dict) -> str:
+    lines = ["Threads each run used (kdrl: its measured policy) and the machine's 1-minute load average "
+             "around the runs (each run's own process adds about 1):", "",
+             "| config | TRL default | TRL 1 thread | kdrl | load min - max |", "|---|---|---|---|---|"]
+    for config, summary in results.items():
+        threads = summary.get("threads", {})
+        cells = [", ".join(threads.get(system, [])) or "-" for system in ("trl", "trl-1thread", "kdrl")]
+        load = summary.get("load") or [0.0]
+        lines.append(f"| {config} | {' | '.join(cells)} | {min(load):.2f} - {max(load):.2f} |")
     return "\n".join(lines)
 
 
@@ -335,7 +359,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.time()
     environment = {"trl": trl.__version__, "transformers": transformers.__version__, "torch": torch.__version__,
                    "cpus": os.cpu_count(), "python": platform.python_version(), "rounds": args.rounds,
-                   "note": args.note}
+                   "note": args.note, "command": "python benchmarks/vs_trl.py " + shlex.join(sys.argv[1:])}
 
     def write(results: dict) -> None:
         if args.out is None:
@@ -344,10 +368,11 @@ def main(argv: list[str] | None = None) -> None:
         environment["wall_s"] = round(time.time() - started)
         (args.out / "results.json").write_text(json.dumps({"environment": environment, "results": results},
                                                           indent=1) + "\n")
-        header = (f"# kdrl vs TRL, per-step cost\n\n`python benchmarks/vs_trl.py --rounds {args.rounds} --out "
-                  f"{args.out}`: TRL {trl.__version__}, transformers {transformers.__version__}, torch "
-                  f"{torch.__version__}, {os.cpu_count()} CPUs, {environment['wall_s']} s in all. {args.note}\n\n")
-        (args.out / "results.md").write_text(header + table(results) + "\n\n" + phases_table(results) + "\n")
+        header = (f"# kdrl vs TRL, per-step cost\n\n`{environment['command']}`: TRL {trl.__version__}, transformers "
+                  f"{transformers.__version__}, torch {torch.__version__}, {os.cpu_count()} CPUs, "
+                  f"{environment['wall_s']} s in all. {args.note}\n\n")
+        (args.out / "results.md").write_text(header + table(results) + "\n\n" + phases_table(results) + "\n\n"
+                                             + conditions_table(results) + "\n")
 
     with tempfile.TemporaryDirectory(prefix="vs_trl_assets_") as tmp:
         results = compare(args.configs.split(","), args.rounds, args.systems.split(","), Path(tmp),
