@@ -20,6 +20,7 @@ defaults (``train.cpu_threads=0``: its measured thread policy).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -136,7 +137,8 @@ class StepClock:
         self.ends: list[float] = []
 
 
-def run_kdrl(spec: dict, paths: dict, work: Path, steps: int) -> list[float]:
+def run_kdrl(spec: dict, paths: dict, work: Path, steps: int, last_step_context=contextlib.nullcontext
+             ) -> list[float]:
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # the reward, as module:function
     from kdrl.build import build
     from kdrl.config import load_config
@@ -153,8 +155,9 @@ def run_kdrl(spec: dict, paths: dict, work: Path, steps: int) -> list[float]:
         overrides.append(f"model.teacher={paths['teacher']}")
     run = build(load_config(REPO / "recipes" / f"{spec['kind']}.yaml", overrides))
     ends, phases = [], []
-    for _ in range(steps):
-        metrics = training_step(run)
+    for index in range(steps):
+        with last_step_context() if index == steps - 1 else contextlib.nullcontext():
+            metrics = training_step(run)
         ends.append(time.perf_counter())
         phases.append({k: v for k, v in metrics.items() if k.startswith("time_") or k == "response_length"})
     run.logger.close()
@@ -312,24 +315,48 @@ def conditions_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def profile(config: str, top: int, steps: int = 3) -> None:
-    """kdrl's steps on one configuration under cProfile: per-phase seconds and the top functions."""
-    import cProfile
-    import pstats
+# operator name -> the kind of work it is, for the profile's summary
+OP_KINDS = (("matrix products", ("aten::mm", "aten::addmm", "aten::bmm")), ("attention", ("attention",)),
+            ("sampling", ("aten::multinomial", "aten::exponential_")))
 
+
+def profile(config: str, top: int, steps: int = 3) -> None:
+    """kdrl's phases per step on one configuration (plain timing, after the warm-up steps), then its
+    last step under torch.profiler: seconds by kind of operator, and the top operators."""
     import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     spec = CONFIGS[config]
+    profiled = {}
+
+    @contextlib.contextmanager
+    def last_step():
+        start = time.perf_counter()
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            yield
+        profiled["prof"], profiled["wall"] = prof, time.perf_counter() - start
+
     with tempfile.TemporaryDirectory(prefix="vs_trl_profile_") as tmp:
         paths = build_assets(Path(tmp), config)
-        profiler = cProfile.Profile()
-        profiler.enable()
-        _, phases = run_kdrl(spec, paths, Path(tmp), spec["warmup"] + steps)
-        profiler.disable()
-    measured = phases[spec["warmup"]:]
-    print(f"{config}: {torch.get_num_threads()} threads; kdrl phases per step (under the profiler):",
+        _, phases = run_kdrl(spec, paths, Path(tmp), spec["warmup"] + steps + 1, last_step)
+    measured = phases[spec["warmup"]:-1]
+    from kdrl.cpu_threads import current_policy
+
+    print(f"{config}: kdrl {current_policy().describe() if current_policy() else torch.get_num_threads()}; "
+          f"phases per step (s, mean of {len(measured)} steps after {spec['warmup']} warm-up):",
           {key: round(sum(p[key] for p in measured) / len(measured), 3) for key in measured[0]})
-    pstats.Stats(profiler).sort_stats("tottime").print_stats(top)
+    averages = profiled["prof"].key_averages()
+    total = sum(event.self_cpu_time_total for event in averages) / 1e6
+    kinds = {name: 0.0 for name, _ in OP_KINDS}
+    for event in averages:
+        kind = next((name for name, keys in OP_KINDS if any(key in event.key for key in keys)), None)
+        if kind is not None:
+            kinds[kind] += event.self_cpu_time_total / 1e6
+    shares = ", ".join(f"{name} {value:.3f} s ({value / total:.0%})" for name, value in kinds.items())
+    print(f"one more step under torch.profiler, {profiled['wall']:.3f} s wall: {total:.3f} s in operators "
+          f"({shares}, other operators {total - sum(kinds.values()):.3f} s), the rest Python between them")
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=top))
 
 
 def main(argv: list[str] | None = None) -> None:
