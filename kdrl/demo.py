@@ -345,7 +345,8 @@ def _kept_roles(out_dir: str, seed: int, scale: str, roles: tuple[str, ...]) -> 
     for role in keep:
         if role not in old or not os.path.isfile(os.path.join(out_dir, role, "model.safetensors")):
             raise ValueError(f"keeping {role}: {os.path.join(out_dir, role)} has no model or manifest entry")
-    return {role: old[role] for role in keep}
+    # an entry from a full build has no command of its own: the build's command made it
+    return {role: {**old[role], "command": old[role].get("command", old.get("command"))} for role in keep}
 
 
 def _build_model(tokenizer, spec: ModelSpec, seed: int):
