@@ -12,15 +12,16 @@ PG ratio's denominator can be anchored to π_old^α·π_T^(1−α) (``ratio_anch
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, Callable, Optional
 
 import torch
 
 from kdrl.config import ConfigError, ObjectiveConfig
+from kdrl.config_needs import ObjectiveInputs, missing_batch_input, objective_inputs
 from kdrl.config_rules import objective_errors
 from kdrl.objective.advantages import ADVANTAGES
-from kdrl.objective.divergences import SAMPLED_KL, VOCAB_DIVERGENCES, upcast, vocab_terms_chunked
+from kdrl.objective.divergences import SAMPLED_KL, upcast, vocab_terms_chunked
 from kdrl.objective.policy_gradient import OFFPOLICY_PG, PGTokens, clipped, importance_ratio, policy_gradient
 from kdrl.objective.controllers import BETA_CONTROLLERS, measured_kl
 from kdrl.objective.schedules import ADAPTIVE, BETA_SCHEDULES, PHASES, beta_at, switch_step
@@ -69,21 +70,11 @@ def kd_advantage(sampler_logprobs: Tensor, teacher_logprobs: Tensor, mask: Tenso
     return discounted_future_sum(delta.detach(), mask, gamma)
 
 
-@dataclass(frozen=True)
-class ObjectiveInputs:
-    """Which batch inputs the configured registry entries read: the one rule for which teacher and
-    reference a run loads (as verl's distillation settings declare top-k / full / estimator needs)."""
-
-    teacher_logprobs: bool  # the KD term, or RLAD's ratio anchor (α < 1)
-    teacher_hidden: bool  # a full-vocabulary KD term (VOCAB_DIVERGENCES) in the loss
-    reference_logprobs: bool  # the reference KL, or ExOPD's reward scale λ ≠ 1
-
-
-def objective_inputs(cfg: ObjectiveConfig) -> ObjectiveInputs:
-    return ObjectiveInputs(
-        teacher_logprobs=cfg.kd_placement != "none" or cfg.ratio_anchor_alpha != 1.0,
-        teacher_hidden=cfg.kd_placement == "loss" and cfg.kd_estimator in VOCAB_DIVERGENCES,
-        reference_logprobs=cfg.ref_kl_coef != 0 or (cfg.kd_placement == "advantage" and cfg.kd_reward_scale != 1))
+def check_inputs(batch: TrainBatch, inputs: ObjectiveInputs) -> None:
+    """Every input the objective reads is in the batch (``kdrl.config_needs`` says which and why)."""
+    problem = missing_batch_input(batch, inputs)
+    if problem is not None:
+        raise ValueError(problem)
 
 
 def kd_row_coef(batch: TrainBatch) -> Tensor | float:
@@ -130,10 +121,10 @@ class Objective:
         self.all_reduce_sum = all_reduce_sum or identity
         self.temperature = temperature
         self.kd_coef_of = kd_coef_of
-        self.inputs = objective_inputs(cfg)
-        self.needs_teacher = self.inputs.teacher_logprobs
-        self.needs_teacher_hidden = self.inputs.teacher_hidden
-        self.needs_reference = self.inputs.reference_logprobs
+        self.inputs = objective_inputs(cfg)  # what the run loads (kdrl.config_needs, the one rule)
+        self.needs_teacher = bool(self.inputs.teacher_logprobs)
+        self.needs_teacher_hidden = bool(self.inputs.teacher_hidden)
+        self.needs_reference = bool(self.inputs.reference_logprobs)
         self.kd_in_loss = cfg.kd_placement == "loss"
         # with no outcome advantage and no KD in the advantage, Â ≡ 0: the PG term is skipped
         self.uses_pg = cfg.pg_coef != 0 and (cfg.advantage != "none" or cfg.kd_placement == "advantage")
@@ -178,6 +169,7 @@ class Objective:
 
     def prepare(self, batch: TrainBatch, step: int) -> TrainBatch:
         """Advantages, masks, token weights and β for one rollout batch (a new TrainBatch)."""
+        check_inputs(batch, self.inputs)
         if self.kd_coef_of is not None:  # several teachers: each row's route multiplies β
             batch = replace(batch, kd_coef=self.kd_coef_of(
                 [batch.problems[b // batch.group_size] for b in range(batch.num_rows)]))
@@ -190,8 +182,6 @@ class Objective:
         kd_tokens = self._kd_token_weights(batch, mask)  # which tokens carry KD (TIP, §6)
         advantages = outcome[:, None] * mask
         if cfg.kd_placement == "advantage":  # Â = A − β·m·sg(D), §3 (OPD); G-OPD's λ, §6
-            if batch.teacher_logprobs is None:
-                raise ValueError("kd_placement=advantage needs batch.teacher_logprobs")
             kd = kd_advantage(batch.sampler_logprobs, batch.teacher_logprobs, mask, cfg.kd_gamma,
                               cfg.kd_reward_scale, batch.reference_logprobs)
             kd_rows = kd_mask * kd_row_coef(batch)
@@ -218,8 +208,6 @@ class Objective:
         need the student's whole distribution here, before the update's forward pass)."""
         if self.cfg.kd_token_selection == "all" or self.cfg.kd_placement == "none":
             return None
-        if batch.teacher_logprobs is None:
-            raise ValueError(f"kd_token_selection={self.cfg.kd_token_selection} needs batch.teacher_logprobs")
         divergence = (upcast(batch.sampler_logprobs) - upcast(batch.teacher_logprobs)).abs() * mask
         return TOKEN_SELECTIONS[self.cfg.kd_token_selection](batch, divergence, self.cfg)
 
@@ -269,6 +257,7 @@ class Objective:
         cfg = self.cfg
         if batch.token_weights is None:
             raise ValueError("call Objective.prepare on the batch before Objective.loss")
+        check_inputs(batch, self.inputs)
         valid = batch.response_mask > 0  # work on the N response tokens only, flattened
 
         def per_token(rows: Tensor) -> Tensor:  # [B] -> [N]
@@ -334,9 +323,6 @@ class Objective:
     def _teacher_hidden(self, batch: TrainBatch, valid: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
         if not self.needs_teacher_hidden:
             return None, None
-        if batch.teacher_hidden is None or batch.teacher_output_weight is None:
-            raise ValueError(f"kd_estimator={self.cfg.kd_estimator} needs batch.teacher_hidden and "
-                             "batch.teacher_output_weight (full-vocabulary term)")
         return batch.teacher_hidden[valid], batch.teacher_output_weight
 
     @staticmethod
@@ -351,8 +337,6 @@ class Objective:
             return divergence
         if self.cfg.kd_placement == "none":
             return torch.zeros_like(s)
-        if teacher is None:
-            raise ValueError(f"kd_estimator={self.cfg.kd_estimator} needs batch.teacher_logprobs")
         return SAMPLED_KL[self.cfg.kd_estimator](s, teacher)
 
     def _sampled_correction(self, is_weight: Tensor) -> Tensor | float:
@@ -361,8 +345,6 @@ class Objective:
         return is_weight if self.cfg.kd_estimator in SAMPLED_KL else 1.0
 
     def _ref_kl(self, s: Tensor, batch: TrainBatch, valid: Tensor) -> Tensor:
-        if batch.reference_logprobs is None:
-            if self.needs_reference:
-                raise ValueError("ref_kl_coef > 0 needs batch.reference_logprobs")
+        if batch.reference_logprobs is None:  # not read (check_inputs)
             return torch.zeros_like(s)
         return SAMPLED_KL[self.cfg.ref_kl_estimator](s, upcast(batch.reference_logprobs[valid]))
