@@ -142,6 +142,14 @@ class Objective:
             else beta_at(self.cfg.beta, step, self.total_steps)
         return beta * kd_on, self.cfg.pg_coef * pg_on
 
+    def inputs_at(self, step: int) -> ObjectiveInputs:
+        """What step ``step`` reads: ``self.inputs`` less the inputs of a term whose coefficient is 0
+        then (kd_then_rl after its switch step scores with no teacher)."""
+        return self._inputs_for(*self.coefficients(step))
+
+    def _inputs_for(self, beta: float, pg_coef: float) -> ObjectiveInputs:
+        return objective_inputs(self.cfg, kd_on=beta != 0, pg_on=self.uses_pg and pg_coef != 0)
+
     # ----------------------------------------------------------------------- state across steps
 
     def after_update(self, metrics: dict[str, Any]) -> None:
@@ -169,7 +177,8 @@ class Objective:
 
     def prepare(self, batch: TrainBatch, step: int) -> TrainBatch:
         """Advantages, masks, token weights and β for one rollout batch (a new TrainBatch)."""
-        check_inputs(batch, self.inputs)
+        reads = self.inputs_at(step)
+        check_inputs(batch, reads)
         if self.kd_coef_of is not None:  # several teachers: each row's route multiplies β
             batch = replace(batch, kd_coef=self.kd_coef_of(
                 [batch.problems[b // batch.group_size] for b in range(batch.num_rows)]))
@@ -179,9 +188,10 @@ class Objective:
         outcome = ADVANTAGES[cfg.advantage](rewards, batch.group_size)  # A_i, §1
         kd_rows, nll_rows = ROW_WEIGHTS[cfg.row_weights](batch, self.correct_threshold, cfg)  # SCOPE, §6
         kd_mask = KD_MASKS[cfg.kd_mask](rewards, batch.group_size, self.correct_threshold) * kd_rows  # m_i, §5
-        kd_tokens = self._kd_token_weights(batch, mask)  # which tokens carry KD (TIP, §6)
+        kd_on = beta != 0  # β_t = 0: no KD term this step, and no teacher read for it
+        kd_tokens = self._kd_token_weights(batch, mask) if kd_on else None  # which tokens carry KD (TIP, §6)
         advantages = outcome[:, None] * mask
-        if cfg.kd_placement == "advantage":  # Â = A − β·m·sg(D), §3 (OPD); G-OPD's λ, §6
+        if cfg.kd_placement == "advantage" and kd_on:  # Â = A − β·m·sg(D), §3 (OPD); G-OPD's λ, §6
             kd = kd_advantage(batch.sampler_logprobs, batch.teacher_logprobs, mask, cfg.kd_gamma,
                               cfg.kd_reward_scale, batch.reference_logprobs)
             kd_rows = kd_mask * kd_row_coef(batch)
@@ -257,7 +267,8 @@ class Objective:
         cfg = self.cfg
         if batch.token_weights is None:
             raise ValueError("call Objective.prepare on the batch before Objective.loss")
-        check_inputs(batch, self.inputs)
+        reads = self._inputs_for(batch.beta, batch.pg_coef)
+        check_inputs(batch, reads)
         valid = batch.response_mask > 0  # work on the N response tokens only, flattened
 
         def per_token(rows: Tensor) -> Tensor:  # [B] -> [N]
@@ -267,8 +278,8 @@ class Objective:
         s_old = upcast(batch.sampler_logprobs[valid])
         s, entropy, divergence = vocab_terms_chunked(
             student.hidden_states[valid], student.output_weight, student.output_bias, batch.response_ids[valid],
-            *self._teacher_hidden(batch, valid), divergence=cfg.kd_estimator if self.needs_teacher_hidden else None,
-            teacher_bias=batch.teacher_output_bias if self.needs_teacher_hidden else None,
+            *self._teacher_hidden(batch, valid, reads), divergence=cfg.kd_estimator if reads.teacher_hidden else None,
+            teacher_bias=batch.teacher_output_bias if reads.teacher_hidden else None,
             chunk_size=cfg.chunk_size, temperature=self.temperature, entropy_grad=cfg.entropy_coef != 0,
             **self._divergence_kwargs)
         ratio = importance_ratio(s, s_old)
@@ -280,9 +291,9 @@ class Objective:
         # per-token terms [N]
         not_sampled = None if batch.on_policy is None else per_token(batch.on_policy == 0)
         pg, pg_ratio = policy_gradient(PGTokens(s, s_old, advantages, teacher, not_sampled), cfg)  # §4; RLAD, AMPO §6
-        kd_value = self._kd_value(s, teacher, divergence)  # k(Δ_t), §2
+        kd_value = self._kd_value(s, teacher, divergence)  # k(Δ_t), §2; None: not measured (β_t = 0)
         kd = batch.beta * per_token(upcast(batch.kd_mask) * kd_row_coef(batch)) * self._sampled_correction(is_weight) \
-            * kd_value  # §3
+            * kd_value if kd_value is not None else torch.zeros_like(s)  # §3
         if batch.kd_token_weights is not None:  # token selection (TIP, §6)
             kd = kd * upcast(batch.kd_token_weights[valid])
         ref_kl = self._ref_kl(s, batch, valid)  # §4, optional
@@ -307,11 +318,13 @@ class Objective:
             return (upcast(values.detach()) * w).sum()
 
         metrics = {
-            "loss": loss.detach(), "pg_loss": share(pg), "kd_loss": share(kd), "kd_value": share(kd_value),
+            "loss": loss.detach(), "pg_loss": share(pg), "kd_loss": share(kd),
             "nll": share(nll), "entropy": share(entropy),
             "clip_fraction": share(clipped(pg_ratio, advantages, cfg.clip_eps_low, cfg.clip_eps_high).float()),
             "ratio_mean": share(ratio), "logprob_gap": share((s - s_old).abs()),
         }
+        if kd_value is not None:
+            metrics["kd_value"] = share(kd_value)
         if teacher is not None:
             metrics["kl_sampled"] = share(s - teacher)  # k1: unbiased sampled estimate of KL(π_θ‖π_T)
         if batch.reference_logprobs is not None:
@@ -320,8 +333,10 @@ class Objective:
 
     # ----------------------------------------------------------------------- helpers
 
-    def _teacher_hidden(self, batch: TrainBatch, valid: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
-        if not self.needs_teacher_hidden:
+    @staticmethod
+    def _teacher_hidden(batch: TrainBatch, valid: Tensor, reads: ObjectiveInputs
+                        ) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        if not reads.teacher_hidden:
             return None, None
         return batch.teacher_hidden[valid], batch.teacher_output_weight
 
@@ -331,12 +346,15 @@ class Objective:
         rows = torch.full_like(batch.rewards, off_policy, dtype=torch.bool)
         return rows if batch.on_policy is None else rows | (batch.on_policy == 0)
 
-    def _kd_value(self, s: Tensor, teacher: Optional[Tensor], divergence: Optional[Tensor]) -> Tensor:
-        """k(Δ_t) per token: the sampled estimator, or the full-vocabulary divergence (§2)."""
+    def _kd_value(self, s: Tensor, teacher: Optional[Tensor], divergence: Optional[Tensor]) -> Optional[Tensor]:
+        """k(Δ_t) per token: the sampled estimator, or the full-vocabulary divergence (§2); None when
+        the teacher input it needs was not read (β_t = 0)."""
         if divergence is not None:
             return divergence
         if self.cfg.kd_placement == "none":
             return torch.zeros_like(s)
+        if teacher is None or self.cfg.kd_estimator not in SAMPLED_KL:
+            return None
         return SAMPLED_KL[self.cfg.kd_estimator](s, teacher)
 
     def _sampled_correction(self, is_weight: Tensor) -> Tensor | float:
