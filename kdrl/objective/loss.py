@@ -261,6 +261,11 @@ class Objective:
              ) -> tuple[Tensor, dict[str, Tensor]]:
         """This micro-batch's share of the batch loss, and its share of each metric.
 
+        The metrics: ``loss`` is the optimised value; ``pg_loss`` and ``kd_loss`` are the PG and KD
+        terms' parts of it, coefficient included (pg_coef_t·L_pg and β_t·m·u·k; 0 when the term is
+        off), so that with no other term ``loss = pg_loss + kd_loss``; ``kd_value``, ``ref_kl``,
+        ``nll`` and ``entropy`` are per-token values before their coefficient.
+
         ``off_policy``: the rollouts were not sampled by the current weights (a later optimizer
         step on the same batch); rows with ``batch.on_policy == 0`` are treated so regardless.
         """
@@ -300,8 +305,8 @@ class Objective:
         nll = per_token(upcast(batch.nll_mask)) * -s  # SFT / rejection sampling
 
         total = 0.0 * s  # attached to the graph even if every coefficient is 0
-        if self.uses_pg:
-            total = total + batch.pg_coef * pg  # pg_coef_t (prepare: the phases of the run)
+        pg_term = batch.pg_coef * pg if self.uses_pg else torch.zeros_like(s)  # pg_coef_t (prepare: the phases)
+        total = total + pg_term
         if self.kd_in_loss:
             total = total + kd
         else:
@@ -318,7 +323,7 @@ class Objective:
             return (upcast(values.detach()) * w).sum()
 
         metrics = {
-            "loss": loss.detach(), "pg_loss": share(pg), "kd_loss": share(kd),
+            "loss": loss.detach(), "pg_loss": share(pg_term), "kd_loss": share(kd),
             "nll": share(nll), "entropy": share(entropy),
             "clip_fraction": share(clipped(pg_ratio, advantages, cfg.clip_eps_low, cfg.clip_eps_high).float()),
             "ratio_mean": share(ratio), "logprob_gap": share((s - s_old).abs()),
