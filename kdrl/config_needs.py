@@ -26,6 +26,7 @@ class ObjectiveInputs:
     teacher_logprobs: tuple[str, ...] = ()  # the KD term, or RLAD's ratio anchor (α < 1)
     teacher_hidden: tuple[str, ...] = ()  # a full-vocabulary KD term in the loss
     reference_logprobs: tuple[str, ...] = ()  # the reference KL, or ExOPD's reward scale λ ≠ 1
+    sampler_entropy: tuple[str, ...] = ()  # TIP's token selection (the sampling policy's entropy)
 
 
 def objective_inputs(objective: Any, kd_on: bool = True, pg_on: Optional[bool] = None) -> ObjectiveInputs:
@@ -43,7 +44,8 @@ def objective_inputs(objective: Any, kd_on: bool = True, pg_on: Optional[bool] =
         teacher_hidden=_when((full_vocabulary, f"objective.kd_estimator={o.kd_estimator}")),
         reference_logprobs=_when((o.ref_kl_coef != 0, f"objective.ref_kl_coef={o.ref_kl_coef:g}"),
                                  (kd and o.kd_placement == "advantage" and o.kd_reward_scale != 1.0,
-                                  f"objective.kd_reward_scale={o.kd_reward_scale:g}")))
+                                  f"objective.kd_reward_scale={o.kd_reward_scale:g}")),
+        sampler_entropy=_when((kd and o.kd_token_selection == "tip", "objective.kd_token_selection=tip")))
 
 
 def batch_writers(rollout: Any) -> list[str]:
@@ -110,14 +112,29 @@ def input_errors(config: Any) -> list[tuple[str, str]]:
     rules.append((bool(inputs.teacher_hidden) and len(set(route_teachers)) > 1, "objective.kd_estimator",
                   f"{_read(inputs.teacher_hidden, 'needs', 'need')} one teacher's full distribution, but "
                   "teachers.routes name several; use a sampled estimator (k2, k3)"))
+    no_entropy = _without_entropy(config)
+    rules.append((bool(inputs.sampler_entropy) and bool(no_entropy),
+                  "objective.kd_token_selection", f"{_read(inputs.sampler_entropy, 'needs', 'need')} the sampler's "
+                  f"entropy, which {no_entropy} does not return; use rollout.engine=hf with the student or the "
+                  "teacher sampling"))
     return [(key, message) for broken, key, message in rules if broken]
+
+
+def _without_entropy(config: Any) -> str:
+    """The batch writer that returns no sampler entropy ('' if every one does: the hf engine's)."""
+    if config.teacher_cache.path is not None:
+        return "a teacher cache"
+    if config.rollout.engine == "vllm":
+        return "rollout.engine=vllm (full-vocabulary log-probs from vLLM are slow)"
+    return "a dataset response (rollout.policy)" if "dataset" in batch_writers(config.rollout) else ""
 
 
 def missing_batch_input(batch: Any, inputs: ObjectiveInputs) -> Optional[str]:
     """The message for the first input ``inputs`` reads that ``batch`` (a TrainBatch) lacks, else None."""
     for name, batch_fields in (("teacher_logprobs", ("teacher_logprobs",)),
                                ("teacher_hidden", ("teacher_hidden", "teacher_output_weight")),
-                               ("reference_logprobs", ("reference_logprobs",))):
+                               ("reference_logprobs", ("reference_logprobs",)),
+                               ("sampler_entropy", ("sampler_entropy",))):
         users = getattr(inputs, name)
         missing = [field for field in batch_fields if getattr(batch, field) is None]
         if users and missing:

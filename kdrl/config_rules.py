@@ -49,9 +49,6 @@ def validate(config: Any) -> Any:
          "must lie in (0, 1]"),
         (config.rollout.vllm.tensor_parallel_size >= 1, "rollout.vllm.tensor_parallel_size", "must be at least 1"),
         (config.rollout.vllm.cpu_kv_cache_gib >= 1, "rollout.vllm.cpu_kv_cache_gib", "must be at least 1"),
-        (not (config.rollout.engine == "vllm" and config.objective.kd_token_selection == "tip"),
-         "objective.kd_token_selection", "tip needs the sampler's entropy, which rollout.engine=vllm does not "
-         "return (full-vocabulary log-probs from vLLM are slow); use rollout.engine=hf"),
         (config.objective.beta.initial >= 0.0, "objective.beta.initial", "must not be negative"),
         (config.objective.beta.final >= 0.0, "objective.beta.final", "must not be negative"),
         (config.objective.beta.decay_per_step >= 0.0, "objective.beta.decay_per_step", "must not be negative"),

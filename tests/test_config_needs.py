@@ -42,6 +42,10 @@ def test_estimator_names_match_the_divergence_registries():
     ("multi_teacher", ["objective.kd_estimator=rkl", "teachers.routes=[{match: [2], teacher: a}, {teacher: b}]"],
      "objective.kd_estimator: objective.kd_estimator=rkl needs one teacher's full distribution, but teachers.routes "
      "name several"),
+    ("tip", ["rollout.engine=vllm"], "objective.kd_token_selection: objective.kd_token_selection=tip needs the "
+                                     "sampler's entropy, which rollout.engine=vllm (full-vocabulary log-probs"),
+    ("tip", ["rollout.policy=dataset"], "objective.kd_token_selection: objective.kd_token_selection=tip needs the "
+                                        "sampler's entropy, which a dataset response (rollout.policy) does not"),
     ("kdrl", ["teacher_cache.path=somewhere"],
      "objective.kd_estimator: objective.kd_estimator=rkl needs the teacher's full distribution, but a teacher "
      "cache stores sampled-token log-probs only"),
