@@ -12,6 +12,7 @@ from kdrl.config import ConfigError, ObjectiveConfig, TeacherRoute, load_config
 from kdrl.config_needs import (SAMPLED_ESTIMATORS, ObjectiveInputs, needs_teacher_model, objective_inputs,
                                solution_users)
 from kdrl.objective import SAMPLED_KL, VOCAB_DIVERGENCES, Objective
+from kdrl.types import StudentOutput
 from test_objective import make_batch
 
 RECIPES = Path(__file__).parent.parent / "recipes"
@@ -81,11 +82,15 @@ def test_a_term_off_reads_nothing():
 
 
 def test_the_objective_names_the_same_readers_for_a_batch_without_an_input():
-    batch, _, _ = make_batch()
+    batch, hidden, weight = make_batch()
+    student = StudentOutput(hidden, weight)
     objective = Objective(ObjectiveConfig(kd_placement="none", ref_kl_coef=0.1), 10, 6)
     with pytest.raises(ValueError, match=r"^objective.ref_kl_coef=0.1 reads batch.reference_logprobs, which this "
                                          r"batch lacks$"):
-        objective.prepare(dataclasses.replace(batch, reference_logprobs=None), 0)
+        objective.loss(objective.prepare(dataclasses.replace(batch, reference_logprobs=None), 0), student)
     objective = Objective(ObjectiveConfig(kd_estimator="topk"), 10, 6)
     with pytest.raises(ValueError, match=r"^objective.kd_estimator=topk reads batch.teacher_output_weight"):
-        objective.prepare(dataclasses.replace(batch, teacher_output_weight=None), 0)
+        objective.loss(objective.prepare(dataclasses.replace(batch, teacher_output_weight=None), 0), student)
+    objective = Objective(ObjectiveConfig(kd_placement="advantage", kd_estimator="k1"), 10, 6)
+    with pytest.raises(ValueError, match=r"^objective.kd_placement=advantage reads batch.teacher_logprobs"):
+        objective.prepare(dataclasses.replace(batch, teacher_logprobs=None), 0)  # prepare reads it: fails there

@@ -75,7 +75,7 @@ def test_kd_then_rl_reads_no_teacher_after_the_switch():
     assert torch.equal(torch.cat([hidden.grad.flatten(), weight.grad.flatten()]), with_teacher)
     assert bare_metrics["kd_loss"] == metrics["kd_loss"] == 0 and "kl_sampled" not in bare_metrics
     with pytest.raises(ValueError, match="objective.kd_placement=loss reads batch.teacher_logprobs"):
-        sequential.prepare(bare, 1)
+        sequential.loss(sequential.prepare(bare, 1), StudentOutput(hidden, weight))
 
 
 def test_kd_then_rl_run_scores_with_the_teacher_only_before_the_switch(tiny_overrides):

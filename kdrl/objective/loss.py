@@ -177,18 +177,18 @@ class Objective:
 
     def prepare(self, batch: TrainBatch, step: int) -> TrainBatch:
         """Advantages, masks, token weights and β for one rollout batch (a new TrainBatch)."""
-        reads = self.inputs_at(step)
-        check_inputs(batch, reads)
+        beta, pg_coef = self.coefficients(step)
+        kd_on = beta != 0  # β_t = 0: no KD term this step, and no teacher read for it
+        if kd_on and (self.cfg.kd_placement == "advantage" or self.cfg.kd_token_selection != "all"):
+            check_inputs(batch, self.inputs_at(step))  # prepare reads the teacher: fail before any forward
         if self.kd_coef_of is not None:  # several teachers: each row's route multiplies β
             batch = replace(batch, kd_coef=self.kd_coef_of(
                 [batch.problems[b // batch.group_size] for b in range(batch.num_rows)]))
         cfg, mask = self.cfg, upcast(batch.response_mask)
         rewards = upcast(batch.rewards)
-        beta, pg_coef = self.coefficients(step)
         outcome = ADVANTAGES[cfg.advantage](rewards, batch.group_size)  # A_i, §1
         kd_rows, nll_rows = ROW_WEIGHTS[cfg.row_weights](batch, self.correct_threshold, cfg)  # SCOPE, §6
         kd_mask = KD_MASKS[cfg.kd_mask](rewards, batch.group_size, self.correct_threshold) * kd_rows  # m_i, §5
-        kd_on = beta != 0  # β_t = 0: no KD term this step, and no teacher read for it
         kd_tokens = self._kd_token_weights(batch, mask) if kd_on else None  # which tokens carry KD (TIP, §6)
         advantages = outcome[:, None] * mask
         if cfg.kd_placement == "advantage" and kd_on:  # Â = A − β·m·sg(D), §3 (OPD); G-OPD's λ, §6
