@@ -5,7 +5,7 @@ One step, top to bottom (DESIGN.md, "Data flow of one training step"):
     problems  = next prompts from the data order
     rollouts  = source.generate(problems, G, sampling, step)    # student, teacher, dataset or cache
     rewards   = verifier(problem, response) per row
-    teacher   = teacher.score(rollouts)                         # log-probs (+ hidden states for full-vocab KD)
+    teacher   = teacher.score(rollouts)                         # log-probs (+ hidden states) if this step reads them
     batch     = objective.prepare(batch, step)                  # advantages, KD masks, beta(step), weights
     update    = micro-batched forward/backward of objective.loss; clip; AdamW step
 
