@@ -41,7 +41,8 @@ def run_benchmark(methods: list[str], seeds: list[int], out_dir: Path, overrides
         raise ConfigError(f"--pairs names {', '.join(missing)}, not among --methods")
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    pairs = [(method, seed) for method in methods for seed in seeds]
+    # seed-major: an interrupted benchmark has every method at the seeds it finished
+    pairs = [(method, seed) for seed in seeds for method in methods]
     # Configs are loaded here, in the parent, so a bad recipe or override fails before any run starts.
     configs = {(method, seed): load_config(recipes_dir / f"{method}.yaml",
                                            overrides + method_overrides.get(method, []) +

@@ -2,10 +2,9 @@
 loaded, who writes each batch (the sampling source), who scores it (the teacher and reference
 scorers), what happens to groups that all failed, and the objective.
 
-What a configuration needs is read from one rule per question: ``objective_inputs`` (which
-log-probs the objective reads), ``batch_writers`` (which rollout sources ``rollout.policy`` can
-pick), and the three ``needs_*`` / ``solution_users`` functions below built from them.
-Everything a user can get wrong is checked before the run directory is written.
+What a configuration needs (which models, which data fields) is read from ``kdrl.config_needs``,
+the rules config validation already applied. Everything a user can get wrong is checked before the
+run directory is written.
 """
 from __future__ import annotations
 
@@ -21,48 +20,22 @@ import torch
 
 from kdrl import checkpoint as ckpt
 from kdrl.config import Config, ConfigError, save_config, to_dict
+from kdrl.config_needs import SELF, batch_writers, needs_reference_model, needs_teacher_model, solution_users
 from kdrl.data import DataError, PromptSampler, load_problems, make_encoder
 from kdrl.distributed import Distributed, init_distributed, load_optimizer_state, shard_model
 from kdrl.logger import MetricsLogger, truncate_metrics
 from kdrl.models import (ModelError, check_tokenizers_compatible, context_length, load_model, load_tokenizer,
                          seed_everything, set_cpu_threads)
-from kdrl.objective import Objective, objective_inputs
+from kdrl.objective import Objective
 from kdrl.rewards import combine_rewards, parse_reward_specs
 from kdrl.rollout import RolloutEngine, engine_options, make_engine
 from kdrl.rollout.failed_groups import FailedGroupAction, load_solution_files, make_failed_group_action
-from kdrl.rollout.sources import CachedRollouts, DatasetResponses, RolloutSource, batch_writers
+from kdrl.rollout.sources import CachedRollouts, DatasetResponses, RolloutSource
 from kdrl.teachers import LocalTeacher, Teacher, make_scorer
 from kdrl.teachers.cache import CachedTeacher, TeacherCache, load_teacher_cache
 from kdrl.teachers.routed import RoutedTeacher, load_routed_teachers
-from kdrl.teachers.self_teacher import SELF, SelfTeacher
+from kdrl.teachers.self_teacher import SelfTeacher
 from kdrl.types import Problem
-
-# --------------------------------------------------------------------------- what a configuration needs
-
-
-def needs_teacher_model(config: Config) -> bool:
-    """``model.teacher`` is loaded: it scores (KD, RLAD's anchor) or writes responses, and no other
-    teacher stands in for it (a teacher cache, routed teachers, or the student itself)."""
-    writes = "teacher" in batch_writers(config.rollout)
-    replaced = config.teacher_cache.path is not None or bool(config.teachers.routes)
-    return config.model.teacher not in (None, SELF) and not replaced and \
-        (writes or objective_inputs(config.objective).teacher_logprobs)
-
-
-def needs_reference_model(config: Config) -> bool:
-    """A frozen reference model is loaded (the objective reads its log-probs)."""
-    return objective_inputs(config.objective).reference_logprobs
-
-
-def solution_users(config: Config) -> list[str]:
-    """The settings that read each training problem's reference ``solution`` (empty: none)."""
-    users = []
-    if config.model.teacher == SELF and config.objective.kd_placement != "none":
-        users.append("model.teacher=self (privileged context)")
-    if "dataset" in batch_writers(config.rollout):
-        users.append(f"rollout.policy={config.rollout.policy} (dataset responses)")
-    return users
-
 
 # --------------------------------------------------------------------------- the run
 
@@ -175,15 +148,11 @@ def build(config: Config, resume: Optional[str | Path] = None, overwrite: bool =
     check_prompts(encode, [(config.data.train, train_problems)] +
                   [(eval_specs[name], eval_sets[name]) for name in eval_sets])
 
-    needs_hidden = objective_inputs(config.objective).teacher_hidden
     cache = None
     if config.teacher_cache.path is not None:  # Lightning OPD: replay stored responses and teacher scores
-        if needs_hidden:
-            raise ConfigError(f"objective.kd_estimator={config.objective.kd_estimator}: a teacher cache stores "
-                              "sampled-token log-probs only; use k1 (advantage), k2 or k3 with teacher_cache.path")
         cache = load_teacher_cache(config, train_problems, tokenizer)
         train_problems = cache.problems
-    routed = load_routed_teachers(config, tokenizer, student, train_problems, device, needs_hidden)
+    routed = load_routed_teachers(config, tokenizer, student, train_problems, device)
     objective = Objective(config.objective, total_steps=config.train.steps,
                           max_response_len=config.rollout.max_new_tokens,
                           correct_threshold=config.reward.correct_threshold,

@@ -126,7 +126,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_prepare_demo(args: argparse.Namespace) -> int:
     from kdrl.demo import prepare_demo
 
-    prepare_demo(args.out, seed=args.seed, scale=args.scale)
+    prepare_demo(args.out, seed=args.seed, scale=args.scale, threads=args.threads, roles=tuple(args.roles),
+                 log=lambda line: print(line, flush=True))
     return 0
 
 
@@ -210,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default=str(Path(__file__).parent / "assets" / "demo"))
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--scale", choices=["full", "toy"], default="full")
+    demo.add_argument("--threads", type=int, default=2, help="torch CPU threads (1 on a busy machine)")
+    demo.add_argument("--roles", nargs="+", choices=["teacher", "student"], default=["teacher", "student"],
+                      help="models to (re)train; the others are kept from --out (same seed and scale)")
     demo.set_defaults(func=cmd_prepare_demo)
 
     bench = commands.add_parser("bench", help="compare methods on one budget over several seeds")

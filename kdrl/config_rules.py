@@ -1,6 +1,7 @@
 """The range and consistency rules of a loaded config (kdrl.config.Config): each broken rule is
 one ``ConfigError`` naming its key. Types are checked while the config is built (kdrl.config_io);
-what types cannot express is checked here, once.
+what types cannot express is checked here, once; what the objective and the batch writers read
+(a teacher, a reference) is ruled on by ``kdrl.config_needs``.
 
 The functions take the config's dataclasses by attribute only, so this module needs nothing from
 kdrl.config (which imports it).
@@ -12,6 +13,7 @@ import string
 from typing import Any
 
 from kdrl.config_io import ConfigError
+from kdrl.config_needs import input_errors
 
 K1_IN_LOSS = ("k1 in the loss has a zero-mean gradient (E[grad log pi] = 0), so it teaches nothing; "
               "use k2 (reverse KL) or k3 in the loss, or k1 with objective.kd_placement=advantage")
@@ -47,9 +49,6 @@ def validate(config: Any) -> Any:
          "must lie in (0, 1]"),
         (config.rollout.vllm.tensor_parallel_size >= 1, "rollout.vllm.tensor_parallel_size", "must be at least 1"),
         (config.rollout.vllm.cpu_kv_cache_gib >= 1, "rollout.vllm.cpu_kv_cache_gib", "must be at least 1"),
-        (not (config.rollout.engine == "vllm" and config.objective.kd_token_selection == "tip"),
-         "objective.kd_token_selection", "tip needs the sampler's entropy, which rollout.engine=vllm does not "
-         "return (full-vocabulary log-probs from vLLM are slow); use rollout.engine=hf"),
         (config.objective.beta.initial >= 0.0, "objective.beta.initial", "must not be negative"),
         (config.objective.beta.final >= 0.0, "objective.beta.final", "must not be negative"),
         (config.objective.beta.decay_per_step >= 0.0, "objective.beta.decay_per_step", "must not be negative"),
@@ -79,11 +78,6 @@ def validate(config: Any) -> Any:
         (config.objective.offpolicy_ratio_cap > 0, "objective.offpolicy_ratio_cap", "must be positive"),
         (config.objective.kd_topk >= 1, "objective.kd_topk", "must be at least 1"),
         (config.objective.chunk_size >= 1, "objective.chunk_size", "must be at least 1"),
-        (config.objective.ref_kl_coef == 0 or config.model.reference is not None, "model.reference",
-         "must be set when objective.ref_kl_coef > 0 (a path, or 'student' for the initial student)"),
-        (config.objective.kd_placement == "none" or config.model.teacher is not None or config.teachers.routes
-         or config.teacher_cache.path is not None, "model.teacher",
-         "must be set when objective.kd_placement is not none"),
         (config.objective.offpolicy_shaping_gamma > 0, "objective.offpolicy_shaping_gamma", "must be positive"),
         (config.failed_groups.replace >= 1, "failed_groups.replace", "must be at least 1"),
         (config.failed_groups.replace < config.rollout.group_size
@@ -93,23 +87,12 @@ def validate(config: Any) -> Any:
         (config.teacher_cache.num_prompts >= 1, "teacher_cache.num_prompts", "must be at least 1"),
         (not config.teachers.routes or config.teachers.route_by, "teachers.route_by",
          "must name the data field that picks a teacher when teachers.routes is set"),
-        (config.rollout.policy != "teacher" or config.model.teacher is not None, "model.teacher",
-         "must be set when rollout.policy=teacher"),
         (0.0 <= config.objective.ratio_anchor_alpha <= 1.0, "objective.ratio_anchor_alpha", "must lie in [0, 1]"),
-        (config.objective.ratio_anchor_alpha == 1.0 or config.model.teacher is not None, "model.teacher",
-         "must be set when objective.ratio_anchor_alpha < 1 (the ratio is anchored to the teacher)"),
         (config.objective.kd_reward_scale == 1.0 or config.objective.kd_placement == "advantage",
          "objective.kd_reward_scale", "scales the KD reward in the advantage; set objective.kd_placement=advantage"),
-        (config.objective.kd_reward_scale == 1.0 or config.model.reference is not None, "model.reference",
-         "must be set when objective.kd_reward_scale != 1 ('student' for the initial student, or a path)"),
         (config.objective.scope_temperature > 0, "objective.scope_temperature", "must be positive"),
         (0.0 < config.objective.tip_keep_fraction <= 1.0, "objective.tip_keep_fraction", "must lie in (0, 1]"),
         (0.0 <= config.rollout.on_policy_fraction <= 1.0, "rollout.on_policy_fraction", "must lie in [0, 1]"),
-        (not (config.rollout.policy == "mixed" and config.rollout.off_policy_source == "teacher")
-         or config.model.teacher is not None, "model.teacher", "must be set when rollout.off_policy_source=teacher"),
-        (not (config.model.teacher == "self" and config.rollout.policy in ("teacher", "mixed")
-              and (config.rollout.policy == "teacher" or config.rollout.off_policy_source == "teacher")),
-         "rollout.policy", "model.teacher=self cannot write responses (it needs the student's completion to score)"),
         (0.0 <= config.self_teacher.ema_decay < 1.0, "self_teacher.ema_decay", "must lie in [0, 1)"),
         (config.train.steps >= 0, "train.steps", "must not be negative"),
         (config.train.learning_rate >= 0, "train.learning_rate", "must not be negative"),
@@ -139,6 +122,7 @@ def validate(config: Any) -> Any:
         (len(config.reward.functions) >= 1, "reward.functions", "must name at least one reward"),
         (config.reward.timeout_s > 0, "reward.timeout_s", "must be positive"),
         (config.data.max_prompt_tokens >= 1, "data.max_prompt_tokens", "must be at least 1"),
+        *[(False, key, message) for key, message in input_errors(config)],  # after the ranges they rest on
     ]
     _check_no_negative_counts(config)
     for ok, key, message in checks:

@@ -5,7 +5,7 @@ One step, top to bottom (DESIGN.md, "Data flow of one training step"):
     problems  = next prompts from the data order
     rollouts  = source.generate(problems, G, sampling, step)    # student, teacher, dataset or cache
     rewards   = verifier(problem, response) per row
-    teacher   = teacher.score(rollouts)                         # log-probs (+ hidden states for full-vocab KD)
+    teacher   = teacher.score(rollouts)                         # log-probs (+ hidden states) if this step reads them
     batch     = objective.prepare(batch, step)                  # advantages, KD masks, beta(step), weights
     update    = micro-batched forward/backward of objective.loss; clip; AdamW step
 
@@ -148,10 +148,11 @@ def training_step(run: Run) -> dict[str, Any]:
     with timed(timings, "failed_groups"):  # ghpo hints / ampo teacher solutions where a whole group failed
         rollouts, rewards, rescue_metrics = run.failed_groups(rollouts, rewards, sampling, run.step)
     rescue_metrics = {**rescue_metrics, **reward_counts(counted)}
+    reads = run.objective.inputs_at(run.step)  # a term whose coefficient is 0 this step reads nothing
     with timed(timings, "teacher"):
-        teacher_out = run.teacher_scorer.score(rollouts, need_hidden=run.objective.needs_teacher_hidden) \
-            if run.objective.needs_teacher else None
-        reference_out = run.reference_scorer.score(rollouts) if run.reference_scorer is not None else None
+        teacher_out = run.teacher_scorer.score(rollouts, need_hidden=bool(reads.teacher_hidden)) \
+            if reads.teacher_logprobs else None
+        reference_out = run.reference_scorer.score(rollouts) if reads.reference_logprobs else None
     batch = run.objective.prepare(make_batch(rollouts, rewards, teacher_out, reference_out), run.step)
     with timed(timings, "train"):
         update_metrics = update(run, batch)

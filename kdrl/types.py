@@ -114,14 +114,24 @@ class TrainBatch:
 
     def rows(self, index: slice | torch.Tensor) -> "TrainBatch":
         """The sub-batch of the given rows (for gradient accumulation). Weights keep their
-        full-batch normalisation, so summing micro-batch losses gives the full-batch loss."""
+        full-batch normalisation, so summing micro-batch losses gives the full-batch loss.
+        Row b of the sub-batch still answers ``problems[b // group_size]``: whole groups in order
+        keep their grouping, any other choice of rows (length-sorted micro-batches) is groups of one."""
         updates = {}
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == self.num_rows \
                     and f.name not in ("teacher_output_weight", "teacher_output_bias"):
                 updates[f.name] = value[index]
-        return replace(self, **updates)
+        picked = torch.arange(self.num_rows)[index].tolist()
+        size = self.group_size
+        whole_groups = len(picked) % size == 0 and all(
+            picked[start] % size == 0 and picked[start:start + size] == list(range(picked[start], picked[start] + size))
+            for start in range(0, len(picked), size))
+        if not whole_groups:
+            size = 1
+        problems = [self.problems[b // self.group_size] for b in picked[::size]] if self.problems else []
+        return replace(self, **updates, problems=problems, group_size=size)
 
     def to(self, device: torch.device | str) -> "TrainBatch":
         updates = {f.name: getattr(self, f.name).to(device) for f in fields(self)

@@ -86,3 +86,26 @@ def test_trimming_keeps_whole_batch_fields_and_cuts_per_token_ones(tiny_override
     assert cut.input_ids.shape[1] == batch.prompt_width + 3
     assert torch.equal(cut.rewards, batch.rewards)
     assert torch.equal(cut.input_ids, batch.input_ids[:, :batch.prompt_width + 3])
+
+
+def test_a_slice_of_rows_carries_the_problems_of_its_rows():
+    """TrainBatch.rows: row b of any slice answers problems[b // group_size], as in the full batch."""
+    import dataclasses
+
+    from kdrl.types import Problem
+    from test_objective import make_batch
+
+    batch, _, _ = make_batch(lengths=(3, 1, 4, 2, 2, 3), rewards=(1.0, 0.0, 0.0, 0.0, 1.0, 1.0))
+    batch = dataclasses.replace(batch, problems=[Problem(id=f"p{g}", prompt="", answer="") for g in range(3)])
+
+    def row_problems(b):
+        return [b.problems[row // b.group_size].id for row in range(b.num_rows)]
+
+    full = row_problems(batch)
+    whole = batch.rows(slice(2, 6))
+    assert (whole.group_size, [p.id for p in whole.problems]) == (2, ["p1", "p2"])
+    for index in (torch.tensor([5, 0, 3]), torch.tensor([1, 2]), slice(0, 3)):
+        part = batch.rows(index)
+        assert part.group_size == 1 and row_problems(part) == [full[i] for i in torch.arange(6)[index].tolist()]
+    for micro in micro_batches(batch, torch.arange(6), max_rows=4):
+        assert len(micro.problems) * micro.group_size == micro.num_rows

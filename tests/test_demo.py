@@ -135,3 +135,27 @@ def test_shipped_bundle():
     assert t["accuracy"] >= 0.6 and t["chain_correct"] >= 0.55
     assert s["boxed_rate"] >= 0.9 and s["accuracy"] <= 0.45
     assert manifest["teacher"]["parameters"] == num_params(models["teacher"])
+
+
+def test_prepare_demo_rebuilds_one_role(toy_bundle, tmp_path):
+    """--roles student retrains only the student; the teacher's weights and manifest entry are kept,
+    and the rebuilt student equals the one a full build makes (each role has its own seed)."""
+    import shutil
+
+    out, manifest = toy_bundle
+    copy = tmp_path / "bundle"
+    shutil.copytree(out, copy)
+    teacher_file = (copy / "teacher" / "model.safetensors").read_bytes()
+    rebuilt = prepare_demo(str(copy), seed=0, scale="toy", roles=("student",), log=lambda s: None)
+    assert (copy / "teacher" / "model.safetensors").read_bytes() == teacher_file
+    assert rebuilt["teacher"] == json.loads((out / "manifest.json").read_text())["teacher"]
+    assert rebuilt["student"]["command"].endswith("--roles student")
+    a = AutoModelForCausalLM.from_pretrained(out / "student").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(copy / "student").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="seed 0"):
+        prepare_demo(str(copy), seed=1, scale="toy", roles=("student",), log=lambda s: None)
+    with pytest.raises(ValueError, match="manifest.json"):
+        prepare_demo(str(tmp_path / "empty"), seed=0, scale="toy", roles=("student",), log=lambda s: None)
+    with pytest.raises(ValueError, match="roles"):
+        prepare_demo(str(copy), seed=0, scale="toy", roles=("critic",), log=lambda s: None)

@@ -89,7 +89,8 @@ def test_cache_round_trip_equals_live_teacher(tiny_overrides, tiny_assets, tmp_p
 
 
 def test_training_from_cache_loads_no_teacher(tiny_overrides, tmp_path):
-    from kdrl.build import build, needs_teacher_model
+    from kdrl.build import build
+    from kdrl.config_needs import needs_teacher_model
     from kdrl.trainer import training_step
 
     overrides = cache_overrides(tiny_overrides, tmp_path)

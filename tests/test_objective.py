@@ -288,3 +288,18 @@ def test_objective_rules_are_checked_once(overrides):
     with pytest.raises(ConfigError) as built:
         Objective(config.objective, 10, 8)
     assert str(built.value) == str(loaded.value)
+
+
+def test_pg_loss_and_kd_loss_are_their_terms_parts_of_the_loss():
+    """pg_loss carries pg_coef_t as kd_loss carries β: the logged parts add up to the optimised loss,
+    and a switched-off PG term (pg_coef = 0) logs 0, not its unscaled surrogate."""
+    batch, hidden, weight = make_batch()
+    parts = {}
+    for coef in (1.0, 0.5, 0.0):
+        objective = make_objective(kd_estimator="k2", pg_coef=coef)
+        loss, metrics = objective.loss(objective.prepare(batch, 0), StudentOutput(hidden, weight))
+        torch.testing.assert_close(metrics["pg_loss"] + metrics["kd_loss"], loss.detach(), rtol=1e-12, atol=1e-12)
+        parts[coef] = metrics
+    assert parts[1.0]["pg_loss"] != 0 and parts[0.0]["pg_loss"] == 0
+    torch.testing.assert_close(parts[0.5]["pg_loss"], 0.5 * parts[1.0]["pg_loss"])
+    assert parts[0.0]["kd_loss"] == parts[1.0]["kd_loss"] != 0

@@ -16,7 +16,7 @@ from kdrl.objective import Objective
 from kdrl.objective.loss import kd_advantage
 from kdrl.objective.policy_gradient import anchored_log_denominator
 from kdrl.objective.weights import ROW_WEIGHTS, TOKEN_SELECTIONS, group_softmax_weights
-from kdrl.build import solution_users
+from kdrl.config_needs import solution_users
 from kdrl.rollout.sources import DatasetResponses, RolloutSource, on_policy_at
 from kdrl.teachers.self_teacher import SelfTeacher, privileged_problem
 from kdrl.types import Problem, StudentOutput, TrainBatch

@@ -2,6 +2,7 @@
 GRPO alone) and kdrl_auto's β controller, on hand-made examples, in the loss, and across a resume."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -58,6 +59,37 @@ def test_kd_then_rl_is_kd_rkl_before_s_and_grpo_after():
         assert torch.allclose(got, want, rtol=1e-12, atol=1e-12), step
         assert metrics["pg_coef"] == (0.0 if step < 2 else 1.0) and metrics["beta"] == (0.5 if step < 2 else 0.0)
     assert not torch.allclose(_grads(joint, 0)[0], _grads(kd_only, 0)[0])  # the two terms do differ
+
+
+def test_kd_then_rl_reads_no_teacher_after_the_switch():
+    """From S on β_t = 0: the objective asks for no teacher input, and a batch without one gives the
+    same loss and gradient as one with it (GRPO's)."""
+    kw = dict(beta=BetaConfig(schedule="constant", initial=0.5), chunk_size=3, kd_estimator="rkl")
+    sequential = Objective(ObjectiveConfig(phases="kd_then_rl", switch_step=2, **kw), 10, 6)
+    assert sequential.inputs_at(1).teacher_hidden and not sequential.inputs_at(2).teacher_logprobs
+    with_teacher, metrics = _grads(sequential, 2)
+    batch, hidden, weight = make_batch()
+    bare = dataclasses.replace(batch, teacher_logprobs=None, teacher_hidden=None, teacher_output_weight=None)
+    loss, bare_metrics = sequential.loss(sequential.prepare(bare, 2), StudentOutput(hidden, weight))
+    loss.backward()
+    assert torch.equal(torch.cat([hidden.grad.flatten(), weight.grad.flatten()]), with_teacher)
+    assert bare_metrics["kd_loss"] == metrics["kd_loss"] == 0 and "kl_sampled" not in bare_metrics
+    with pytest.raises(ValueError, match="objective.kd_placement=loss reads batch.teacher_logprobs"):
+        sequential.loss(sequential.prepare(bare, 1), StudentOutput(hidden, weight))
+
+
+def test_kd_then_rl_run_scores_with_the_teacher_only_before_the_switch(tiny_overrides):
+    from kdrl.build import build
+    from kdrl.trainer import training_step
+
+    run = build(load_config(RECIPES / "kd_then_rl.yaml", tiny_overrides + ["train.steps=4"]))
+    calls, score = [], run.teacher_scorer.score
+    run.teacher_scorer.score = lambda rollouts, **kw: calls.append(run.step) or score(rollouts, **kw)
+    metrics = [training_step(run) for _ in range(4)]
+    assert calls == [0, 1]  # S = round(0.5 · 4) = 2
+    assert [m["beta"] for m in metrics] == [1.0, 1.0, 0.0, 0.0]
+    assert ["kl_sampled" in m for m in metrics] == [True, True, False, False]
+    run.logger.close()
 
 
 def test_kd_then_rl_needs_kd_in_the_loss():

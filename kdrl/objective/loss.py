@@ -12,15 +12,16 @@ PG ratio's denominator can be anchored to π_old^α·π_T^(1−α) (``ratio_anch
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, Callable, Optional
 
 import torch
 
 from kdrl.config import ConfigError, ObjectiveConfig
+from kdrl.config_needs import ObjectiveInputs, missing_batch_input, objective_inputs
 from kdrl.config_rules import objective_errors
 from kdrl.objective.advantages import ADVANTAGES
-from kdrl.objective.divergences import SAMPLED_KL, VOCAB_DIVERGENCES, upcast, vocab_terms_chunked
+from kdrl.objective.divergences import SAMPLED_KL, upcast, vocab_terms_chunked
 from kdrl.objective.policy_gradient import OFFPOLICY_PG, PGTokens, clipped, importance_ratio, policy_gradient
 from kdrl.objective.controllers import BETA_CONTROLLERS, measured_kl
 from kdrl.objective.schedules import ADAPTIVE, BETA_SCHEDULES, PHASES, beta_at, switch_step
@@ -69,21 +70,11 @@ def kd_advantage(sampler_logprobs: Tensor, teacher_logprobs: Tensor, mask: Tenso
     return discounted_future_sum(delta.detach(), mask, gamma)
 
 
-@dataclass(frozen=True)
-class ObjectiveInputs:
-    """Which batch inputs the configured registry entries read: the one rule for which teacher and
-    reference a run loads (as verl's distillation settings declare top-k / full / estimator needs)."""
-
-    teacher_logprobs: bool  # the KD term, or RLAD's ratio anchor (α < 1)
-    teacher_hidden: bool  # a full-vocabulary KD term (VOCAB_DIVERGENCES) in the loss
-    reference_logprobs: bool  # the reference KL, or ExOPD's reward scale λ ≠ 1
-
-
-def objective_inputs(cfg: ObjectiveConfig) -> ObjectiveInputs:
-    return ObjectiveInputs(
-        teacher_logprobs=cfg.kd_placement != "none" or cfg.ratio_anchor_alpha != 1.0,
-        teacher_hidden=cfg.kd_placement == "loss" and cfg.kd_estimator in VOCAB_DIVERGENCES,
-        reference_logprobs=cfg.ref_kl_coef != 0 or (cfg.kd_placement == "advantage" and cfg.kd_reward_scale != 1))
+def check_inputs(batch: TrainBatch, inputs: ObjectiveInputs) -> None:
+    """Every input the objective reads is in the batch (``kdrl.config_needs`` says which and why)."""
+    problem = missing_batch_input(batch, inputs)
+    if problem is not None:
+        raise ValueError(problem)
 
 
 def kd_row_coef(batch: TrainBatch) -> Tensor | float:
@@ -130,10 +121,10 @@ class Objective:
         self.all_reduce_sum = all_reduce_sum or identity
         self.temperature = temperature
         self.kd_coef_of = kd_coef_of
-        self.inputs = objective_inputs(cfg)
-        self.needs_teacher = self.inputs.teacher_logprobs
-        self.needs_teacher_hidden = self.inputs.teacher_hidden
-        self.needs_reference = self.inputs.reference_logprobs
+        self.inputs = objective_inputs(cfg)  # what the run loads (kdrl.config_needs, the one rule)
+        self.needs_teacher = bool(self.inputs.teacher_logprobs)
+        self.needs_teacher_hidden = bool(self.inputs.teacher_hidden)
+        self.needs_reference = bool(self.inputs.reference_logprobs)
         self.kd_in_loss = cfg.kd_placement == "loss"
         # with no outcome advantage and no KD in the advantage, Â ≡ 0: the PG term is skipped
         self.uses_pg = cfg.pg_coef != 0 and (cfg.advantage != "none" or cfg.kd_placement == "advantage")
@@ -150,6 +141,14 @@ class Objective:
         beta = self.beta_controller.beta if self.beta_controller is not None \
             else beta_at(self.cfg.beta, step, self.total_steps)
         return beta * kd_on, self.cfg.pg_coef * pg_on
+
+    def inputs_at(self, step: int) -> ObjectiveInputs:
+        """What step ``step`` reads: ``self.inputs`` less the inputs of a term whose coefficient is 0
+        then (kd_then_rl after its switch step scores with no teacher)."""
+        return self._inputs_for(*self.coefficients(step))
+
+    def _inputs_for(self, beta: float, pg_coef: float) -> ObjectiveInputs:
+        return objective_inputs(self.cfg, kd_on=beta != 0, pg_on=self.uses_pg and pg_coef != 0)
 
     # ----------------------------------------------------------------------- state across steps
 
@@ -178,20 +177,21 @@ class Objective:
 
     def prepare(self, batch: TrainBatch, step: int) -> TrainBatch:
         """Advantages, masks, token weights and β for one rollout batch (a new TrainBatch)."""
+        beta, pg_coef = self.coefficients(step)
+        kd_on = beta != 0  # β_t = 0: no KD term this step, and no teacher read for it
+        if kd_on and (self.cfg.kd_placement == "advantage" or self.cfg.kd_token_selection != "all"):
+            check_inputs(batch, self.inputs_at(step))  # prepare reads the teacher: fail before any forward
         if self.kd_coef_of is not None:  # several teachers: each row's route multiplies β
             batch = replace(batch, kd_coef=self.kd_coef_of(
                 [batch.problems[b // batch.group_size] for b in range(batch.num_rows)]))
         cfg, mask = self.cfg, upcast(batch.response_mask)
         rewards = upcast(batch.rewards)
-        beta, pg_coef = self.coefficients(step)
         outcome = ADVANTAGES[cfg.advantage](rewards, batch.group_size)  # A_i, §1
         kd_rows, nll_rows = ROW_WEIGHTS[cfg.row_weights](batch, self.correct_threshold, cfg)  # SCOPE, §6
         kd_mask = KD_MASKS[cfg.kd_mask](rewards, batch.group_size, self.correct_threshold) * kd_rows  # m_i, §5
-        kd_tokens = self._kd_token_weights(batch, mask)  # which tokens carry KD (TIP, §6)
+        kd_tokens = self._kd_token_weights(batch, mask) if kd_on else None  # which tokens carry KD (TIP, §6)
         advantages = outcome[:, None] * mask
-        if cfg.kd_placement == "advantage":  # Â = A − β·m·sg(D), §3 (OPD); G-OPD's λ, §6
-            if batch.teacher_logprobs is None:
-                raise ValueError("kd_placement=advantage needs batch.teacher_logprobs")
+        if cfg.kd_placement == "advantage" and kd_on:  # Â = A − β·m·sg(D), §3 (OPD); G-OPD's λ, §6
             kd = kd_advantage(batch.sampler_logprobs, batch.teacher_logprobs, mask, cfg.kd_gamma,
                               cfg.kd_reward_scale, batch.reference_logprobs)
             kd_rows = kd_mask * kd_row_coef(batch)
@@ -218,8 +218,6 @@ class Objective:
         need the student's whole distribution here, before the update's forward pass)."""
         if self.cfg.kd_token_selection == "all" or self.cfg.kd_placement == "none":
             return None
-        if batch.teacher_logprobs is None:
-            raise ValueError(f"kd_token_selection={self.cfg.kd_token_selection} needs batch.teacher_logprobs")
         divergence = (upcast(batch.sampler_logprobs) - upcast(batch.teacher_logprobs)).abs() * mask
         return TOKEN_SELECTIONS[self.cfg.kd_token_selection](batch, divergence, self.cfg)
 
@@ -263,12 +261,19 @@ class Objective:
              ) -> tuple[Tensor, dict[str, Tensor]]:
         """This micro-batch's share of the batch loss, and its share of each metric.
 
+        The metrics: ``loss`` is the optimised value; ``pg_loss`` and ``kd_loss`` are the PG and KD
+        terms' parts of it, coefficient included (pg_coef_t·L_pg and β_t·m·u·k; 0 when the term is
+        off), so that with no other term ``loss = pg_loss + kd_loss``; ``kd_value``, ``ref_kl``,
+        ``nll`` and ``entropy`` are per-token values before their coefficient.
+
         ``off_policy``: the rollouts were not sampled by the current weights (a later optimizer
         step on the same batch); rows with ``batch.on_policy == 0`` are treated so regardless.
         """
         cfg = self.cfg
         if batch.token_weights is None:
             raise ValueError("call Objective.prepare on the batch before Objective.loss")
+        reads = self._inputs_for(batch.beta, batch.pg_coef)
+        check_inputs(batch, reads)
         valid = batch.response_mask > 0  # work on the N response tokens only, flattened
 
         def per_token(rows: Tensor) -> Tensor:  # [B] -> [N]
@@ -278,8 +283,8 @@ class Objective:
         s_old = upcast(batch.sampler_logprobs[valid])
         s, entropy, divergence = vocab_terms_chunked(
             student.hidden_states[valid], student.output_weight, student.output_bias, batch.response_ids[valid],
-            *self._teacher_hidden(batch, valid), divergence=cfg.kd_estimator if self.needs_teacher_hidden else None,
-            teacher_bias=batch.teacher_output_bias if self.needs_teacher_hidden else None,
+            *self._teacher_hidden(batch, valid, reads), divergence=cfg.kd_estimator if reads.teacher_hidden else None,
+            teacher_bias=batch.teacher_output_bias if reads.teacher_hidden else None,
             chunk_size=cfg.chunk_size, temperature=self.temperature, entropy_grad=cfg.entropy_coef != 0,
             **self._divergence_kwargs)
         ratio = importance_ratio(s, s_old)
@@ -291,17 +296,17 @@ class Objective:
         # per-token terms [N]
         not_sampled = None if batch.on_policy is None else per_token(batch.on_policy == 0)
         pg, pg_ratio = policy_gradient(PGTokens(s, s_old, advantages, teacher, not_sampled), cfg)  # §4; RLAD, AMPO §6
-        kd_value = self._kd_value(s, teacher, divergence)  # k(Δ_t), §2
+        kd_value = self._kd_value(s, teacher, divergence)  # k(Δ_t), §2; None: not measured (β_t = 0)
         kd = batch.beta * per_token(upcast(batch.kd_mask) * kd_row_coef(batch)) * self._sampled_correction(is_weight) \
-            * kd_value  # §3
+            * kd_value if kd_value is not None else torch.zeros_like(s)  # §3
         if batch.kd_token_weights is not None:  # token selection (TIP, §6)
             kd = kd * upcast(batch.kd_token_weights[valid])
         ref_kl = self._ref_kl(s, batch, valid)  # §4, optional
         nll = per_token(upcast(batch.nll_mask)) * -s  # SFT / rejection sampling
 
         total = 0.0 * s  # attached to the graph even if every coefficient is 0
-        if self.uses_pg:
-            total = total + batch.pg_coef * pg  # pg_coef_t (prepare: the phases of the run)
+        pg_term = batch.pg_coef * pg if self.uses_pg else torch.zeros_like(s)  # pg_coef_t (prepare: the phases)
+        total = total + pg_term
         if self.kd_in_loss:
             total = total + kd
         else:
@@ -318,11 +323,13 @@ class Objective:
             return (upcast(values.detach()) * w).sum()
 
         metrics = {
-            "loss": loss.detach(), "pg_loss": share(pg), "kd_loss": share(kd), "kd_value": share(kd_value),
+            "loss": loss.detach(), "pg_loss": share(pg_term), "kd_loss": share(kd),
             "nll": share(nll), "entropy": share(entropy),
             "clip_fraction": share(clipped(pg_ratio, advantages, cfg.clip_eps_low, cfg.clip_eps_high).float()),
             "ratio_mean": share(ratio), "logprob_gap": share((s - s_old).abs()),
         }
+        if kd_value is not None:
+            metrics["kd_value"] = share(kd_value)
         if teacher is not None:
             metrics["kl_sampled"] = share(s - teacher)  # k1: unbiased sampled estimate of KL(π_θ‖π_T)
         if batch.reference_logprobs is not None:
@@ -331,12 +338,11 @@ class Objective:
 
     # ----------------------------------------------------------------------- helpers
 
-    def _teacher_hidden(self, batch: TrainBatch, valid: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
-        if not self.needs_teacher_hidden:
+    @staticmethod
+    def _teacher_hidden(batch: TrainBatch, valid: Tensor, reads: ObjectiveInputs
+                        ) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        if not reads.teacher_hidden:
             return None, None
-        if batch.teacher_hidden is None or batch.teacher_output_weight is None:
-            raise ValueError(f"kd_estimator={self.cfg.kd_estimator} needs batch.teacher_hidden and "
-                             "batch.teacher_output_weight (full-vocabulary term)")
         return batch.teacher_hidden[valid], batch.teacher_output_weight
 
     @staticmethod
@@ -345,14 +351,15 @@ class Objective:
         rows = torch.full_like(batch.rewards, off_policy, dtype=torch.bool)
         return rows if batch.on_policy is None else rows | (batch.on_policy == 0)
 
-    def _kd_value(self, s: Tensor, teacher: Optional[Tensor], divergence: Optional[Tensor]) -> Tensor:
-        """k(Δ_t) per token: the sampled estimator, or the full-vocabulary divergence (§2)."""
+    def _kd_value(self, s: Tensor, teacher: Optional[Tensor], divergence: Optional[Tensor]) -> Optional[Tensor]:
+        """k(Δ_t) per token: the sampled estimator, or the full-vocabulary divergence (§2); None when
+        the teacher input it needs was not read (β_t = 0)."""
         if divergence is not None:
             return divergence
         if self.cfg.kd_placement == "none":
             return torch.zeros_like(s)
-        if teacher is None:
-            raise ValueError(f"kd_estimator={self.cfg.kd_estimator} needs batch.teacher_logprobs")
+        if teacher is None or self.cfg.kd_estimator not in SAMPLED_KL:
+            return None
         return SAMPLED_KL[self.cfg.kd_estimator](s, teacher)
 
     def _sampled_correction(self, is_weight: Tensor) -> Tensor | float:
@@ -361,8 +368,6 @@ class Objective:
         return is_weight if self.cfg.kd_estimator in SAMPLED_KL else 1.0
 
     def _ref_kl(self, s: Tensor, batch: TrainBatch, valid: Tensor) -> Tensor:
-        if batch.reference_logprobs is None:
-            if self.needs_reference:
-                raise ValueError("ref_kl_coef > 0 needs batch.reference_logprobs")
+        if batch.reference_logprobs is None:  # not read (check_inputs)
             return torch.zeros_like(s)
         return SAMPLED_KL[self.cfg.ref_kl_estimator](s, upcast(batch.reference_logprobs[valid]))

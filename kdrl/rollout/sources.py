@@ -13,7 +13,6 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from kdrl.config import RolloutConfig
 from kdrl.rollout import SamplingParams
 from kdrl.rollout.rows import left_pad
 from kdrl.types import Problem, Rollouts
@@ -22,13 +21,6 @@ from kdrl.types import Problem, Rollouts
 # student's own engine called directly (GHPO's hinted resamples). Every other source
 # ("teacher", "dataset", "cache", "teacher_solution") is off-policy.
 ON_POLICY_SOURCES = ("student", "policy")
-
-
-def batch_writers(rollout: RolloutConfig) -> list[str]:
-    """The sources ``rollout.policy`` can pick a batch from (the one rule for which engines exist)."""
-    if rollout.policy != "mixed":
-        return [rollout.policy]
-    return ["student"] + ([rollout.off_policy_source] if rollout.on_policy_fraction < 1 else [])
 
 
 def on_policy_at(seed: int, step: int, fraction: float) -> bool:

@@ -67,18 +67,12 @@ class RoutedTeacher(Teacher):
 
 
 def load_routed_teachers(config: Config, tokenizer: Any, student: torch.nn.Module, problems: list[Problem],
-                         device: torch.device, needs_hidden: bool) -> Optional[RoutedTeacher]:
+                         device: torch.device) -> Optional[RoutedTeacher]:
     """The routed teachers of ``teachers.routes`` (None when no routes are set), checked on ``problems``."""
     options = config.teachers
     if not options.routes:
         return None
-    names = [route.teacher or config.model.teacher for route in options.routes]
-    for index, name in enumerate(names):
-        if name is None:
-            raise ConfigError(f"teachers.routes[{index}].teacher: not set, and model.teacher is not set either")
-    if needs_hidden and len(set(names)) > 1:
-        raise ConfigError(f"objective.kd_estimator={config.objective.kd_estimator}: full-vocabulary KD with several "
-                          "different teachers is not supported; use a sampled estimator (k2, k3)")
+    names = [route.teacher or config.model.teacher for route in options.routes]  # set (kdrl.config_needs)
     for problem in problems:  # every problem must have a teacher before anything is loaded
         pick_route(problem, options.route_by, options.routes)
     scorers = {}

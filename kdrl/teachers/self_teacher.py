@@ -15,7 +15,6 @@ from kdrl.teachers.base import Teacher
 from kdrl.teachers.local import LocalTeacher
 from kdrl.types import Problem, Rollouts, TeacherOutput
 
-SELF = "self"  # model.teacher=self
 
 
 def privileged_problem(problem: Problem, context: str) -> Problem:
