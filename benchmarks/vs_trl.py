@@ -247,9 +247,10 @@ def summarize(values: list[float]) -> dict:
 
 
 def compare(configs: list[str], rounds: int, systems: list[str], root: Path, default_thread_rounds: int,
-            done: Callable[[dict], None] = lambda results: None) -> dict:
+            done: Callable[[dict], None] = lambda results: None, default_thread_steps: int = 2) -> dict:
     """``default_thread_rounds``: TRL with torch's default threads runs in the first rounds only, on
-    two measured steps (on a shared machine its steps can take 20 times as long as with one thread)."""
+    ``default_thread_steps`` measured steps (0: as many as the others; on a shared machine its steps
+    can take 20 times as long as with one thread)."""
     results = {}
     for config in configs:
         paths = build_assets(root, config)
@@ -259,7 +260,7 @@ def compare(configs: list[str], rounds: int, systems: list[str], root: Path, def
             for system in order:
                 if system == "trl" and round_index >= default_thread_rounds:
                     continue
-                short = 2 if system == "trl" else 0
+                short = default_thread_steps if system == "trl" else 0
                 result = measure(config, system, paths, short)
                 runs[system].append(result)
                 print(f"{config} round {round_index + 1} {system}: {result['per_step']:.3f} s/step "
@@ -366,6 +367,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--systems", default="trl,trl-1thread,kdrl")
     parser.add_argument("--default-thread-rounds", type=int, default=1,
                         help="rounds in which TRL also runs with torch's default thread count")
+    parser.add_argument("--default-thread-steps", type=int, default=2,
+                        help="measured steps of TRL with torch's default thread count (0: the configuration's)")
     parser.add_argument("--out", type=Path, default=None, help="write results.json and results.md here")
     parser.add_argument("--note", default="", help="a line for results.md (e.g. whether the machine was shared)")
     parser.add_argument("--profile", metavar="CONFIG", help="profile kdrl's steps on CONFIG instead of comparing")
@@ -403,7 +406,7 @@ def main(argv: list[str] | None = None) -> None:
 
     with tempfile.TemporaryDirectory(prefix="vs_trl_assets_") as tmp:
         results = compare(args.configs.split(","), args.rounds, args.systems.split(","), Path(tmp),
-                          args.default_thread_rounds, write)
+                          args.default_thread_rounds, write, args.default_thread_steps)
     print(table(results))
     print(phases_table(results))
 
