@@ -84,3 +84,23 @@ def test_the_start_up_line_says_the_counts_and_how_they_were_chosen():
     assert ThreadPolicy(2, 1, measured=True).describe() == \
         "2 CPU threads (1 while decoding), measured at start-up (train.cpu_threads=0)"
     assert ThreadPolicy(1, 1).describe() == "1 CPU thread, train.cpu_threads"
+
+
+def test_the_hf_engine_decodes_under_the_decode_count(tiny_overrides, monkeypatch):
+    from kdrl.build import build
+    from kdrl.config import load_config
+    from kdrl.rollout import SamplingParams
+
+    run = build(load_config(None, tiny_overrides + ["train.cpu_threads=1"]))
+    before = torch.get_num_threads()
+    monkeypatch.setattr(cpu_threads, "_policy", ThreadPolicy(dense=2, decode=1))
+    seen = []
+    hook = run.student.register_forward_pre_hook(lambda module, args: seen.append(torch.get_num_threads()))
+    try:
+        torch.set_num_threads(2)
+        run.student_engine.generate(run.train_problems[:2], 2, SamplingParams(1.0, 1.0, 4))
+        assert seen and set(seen) == {1}  # the prefill and every decoding step
+        assert torch.get_num_threads() == 2  # scoring and training go on under the dense count
+    finally:
+        hook.remove()
+        torch.set_num_threads(before)
