@@ -360,6 +360,67 @@ def profile(config: str, top: int, steps: int = 3) -> None:
     print(averages.table(sort_by="self_cpu_time_total", row_limit=top))
 
 
+def profile_trl(config: str) -> None:
+    """TRL's step at one thread split by plain timing into generate, teacher and student decoder
+    forwards outside generate, and backward (patched in this process only), for a side-by-side view
+    with ``profile``'s phases of kdrl."""
+    import torch
+    from transformers import Qwen2Model, TrainerCallback, trainer as hf_trainer
+    from transformers.generation.utils import GenerationMixin
+
+    torch.set_num_threads(1)
+    spec = CONFIGS[config]
+    totals: dict[str, float] = {}
+    state = {"generating": False, "steps": 0}
+
+    def timed_call(key_of, original):
+        def call(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                key = key_of(*args)
+                if key and state["steps"] >= spec["warmup"]:
+                    totals[key] = totals.get(key, 0.0) + time.perf_counter() - start
+        return call
+
+    def generating(original):
+        def call(*args, **kwargs):
+            state["generating"] = True
+            try:
+                return original(*args, **kwargs)
+            finally:
+                state["generating"] = False
+        return call
+
+    def forward_kind(module, *args):
+        if state["generating"]:
+            return None
+        role = "teacher" if "teacher" in spec and module.config.hidden_size == spec["teacher"]["hidden"] else "student"
+        return f"{role} forward" + ("" if torch.is_grad_enabled() else " (no grad)")
+
+    class CountSteps(TrainerCallback):
+        def on_step_end(self, args, trainer_state, control, **kwargs):
+            state["steps"] += 1
+
+    GenerationMixin.generate = timed_call(lambda *a: "generate", generating(GenerationMixin.generate))
+    Qwen2Model.forward = timed_call(forward_kind, Qwen2Model.forward)
+    torch.Tensor.backward = timed_call(lambda *a: "backward", torch.Tensor.backward)
+    original_init = hf_trainer.Trainer.__init__
+
+    def init(self, *args, **kwargs):
+        original_init(self, *args, **{**kwargs, "callbacks": list(kwargs.get("callbacks") or []) + [CountSteps()]})
+    hf_trainer.Trainer.__init__ = init
+    with tempfile.TemporaryDirectory(prefix="vs_trl_profile_") as tmp:
+        paths = build_assets(Path(tmp), config)
+        ends, _ = run_trl(spec, paths, Path(tmp), spec["warmup"] + spec["steps"])
+    measured = len(ends) - spec["warmup"]
+    per_step = (ends[-1] - ends[spec["warmup"] - 1]) / measured
+    named = {key: round(value / measured, 3) for key, value in totals.items()}
+    print(f"{config}: TRL 1 thread, {per_step:.3f} s/step (mean of {measured} after {spec['warmup']} warm-up): "
+          f"{named}, the rest {per_step - sum(named.values()):.3f} s (rewards, log-softmax, optimizer, ...)")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, from {', '.join(CONFIGS)}")
@@ -372,6 +433,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None, help="write results.json and results.md here")
     parser.add_argument("--note", default="", help="a line for results.md (e.g. whether the machine was shared)")
     parser.add_argument("--profile", metavar="CONFIG", help="profile kdrl's steps on CONFIG instead of comparing")
+    parser.add_argument("--profile-trl", metavar="CONFIG", help="time TRL's phases on CONFIG instead of comparing")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     parser.add_argument("--system", help=argparse.SUPPRESS)
@@ -382,6 +444,8 @@ def main(argv: list[str] | None = None) -> None:
         return worker(args)
     if args.profile:
         return profile(args.profile, 30)
+    if args.profile_trl:
+        return profile_trl(args.profile_trl)
     import torch
     import transformers
     import trl
