@@ -1,11 +1,12 @@
 """A KV cache for the ``hf`` decoding loop that does not copy itself on every token.
 
 transformers' ``DynamicLayer`` appends each step's keys and values with ``torch.cat``, which copies
-the whole cache: O(L^2) bytes over a response of L tokens, and the largest single item of a decoding
-step on CPU for short rows. ``PreallocatedLayer`` keeps them in a buffer with room for the whole
-response, writes each step's positions in place and hands attention a view of the filled part:
-the same values in the same shape as ``cat`` gives, so attention computes the same numbers
-(tests/test_rollout_hf.py checks the sampled tokens and log-probs are bitwise those of ``generate``).
+the whole cache: O(L^2) bytes over a response of L tokens, a growing share of a decoding step as
+responses get long. ``PreallocatedLayer`` keeps them in a buffer with room for the whole response,
+writes each step's positions in place and hands attention a view of the filled part: the same
+values in the same shape as ``cat`` gives, so attention computes the same numbers
+(tests/test_rollout_hf.py checks the sampled tokens, log-probs and entropies are bitwise those of
+the ``DynamicCache`` path).
 """
 from __future__ import annotations
 
@@ -46,7 +47,8 @@ class PreallocatedLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         end = self.length + key_states.shape[-2]
         if self._key_buffer is None or end > self._key_buffer.shape[-2]:
-            self._grow(key_states, value_states, max(end, self.capacity))
+            size = 0 if self._key_buffer is None else self._key_buffer.shape[-2]
+            self._grow(key_states, value_states, max(end, self.capacity, 2 * size))  # doubling: rare copies
         self._key_buffer[:, :, self.length:end] = key_states
         self._value_buffer[:, :, self.length:end] = value_states
         self.length = end
