@@ -20,7 +20,7 @@ MARGIN = 0.12  # absolute points the default run must add
 
 def test_default_run_improves_bundled_student(tmp_path):
     config = load_config(None, [
-        "data.eval=[bundled:test_id]", "eval.num_problems=200",
+        "data.eval=[bundled:test_id]", "eval.num_problems=200", "train.cpu_threads=1",  # float order fixed
         "log.progress=false", "log.plot=false", "checkpoint.save_final=false", f"log.run_dir={tmp_path / 'run'}",
     ])
     summary = train(config)
