@@ -22,17 +22,11 @@ from pathlib import Path
 
 import torch
 
+from vs_trl import trl_kdrl_math  # kdrl's math reward in TRL's reward-function form (benchmarks/vs_trl.py)
+
 from kdrl.cli import main as kdrl_main
 from kdrl.data import load_problems
 from kdrl.models import bundled_model_dir
-from kdrl.rewards import get_reward
-from kdrl.types import Problem
-
-REWARD = get_reward("math")
-
-
-def trl_reward(prompts, completions, answer, **kwargs) -> list[float]:
-    return [float(REWARD(Problem(id="", prompt=p, answer=a), text)) for p, a, text in zip(prompts, answer, completions)]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -63,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
         warmup_steps=10, max_grad_norm=1.0, epsilon=0.2, beta=0.0, max_completion_length=64, temperature=1.0,
         top_p=1.0, top_k=0, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, bf16=False,
         seed=args.seed, dataloader_num_workers=0, disable_tqdm=True)
-    trainer = GRPOTrainer(model=student, reward_funcs=trl_reward, args=trl_args, train_dataset=dataset,
+    trainer = GRPOTrainer(model=student, reward_funcs=trl_kdrl_math, args=trl_args, train_dataset=dataset,
                           processing_class=tokenizer)
     started = time.perf_counter()
     trainer.train()
