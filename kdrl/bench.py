@@ -14,9 +14,11 @@ import json
 import statistics
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
-from kdrl.config import ConfigError, load_config
+import yaml
+
+from kdrl.config import ConfigError, load_config, to_dict
 from kdrl.evaluate import EVAL_PROBLEMS_FILE, paired_bootstrap
 from kdrl.logger import read_metrics
 from kdrl.trainer import train
@@ -50,6 +52,9 @@ def run_benchmark(methods: list[str], seeds: list[int], out_dir: Path, overrides
                                             "log.progress=false"])
                for method, seed in pairs}
     todo = [pair for pair in pairs if not (run_dir(out_dir, *pair) / "summary.json").is_file()]
+    for pair in pairs:  # a finished run is reused only if it was trained with this invocation's config
+        if pair not in todo:
+            check_finished_run(run_dir(out_dir, *pair), configs[pair])
     if jobs > 1 and len(todo) > 1:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
@@ -80,6 +85,25 @@ def run_benchmark(methods: list[str], seeds: list[int], out_dir: Path, overrides
 
 def run_dir(out_dir: Path, method: str, seed: int) -> Path:
     return out_dir / "runs" / f"{method}-seed{seed}"
+
+
+def config_differences(saved: Any, wanted: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dicts."""
+    if isinstance(saved, dict) and isinstance(wanted, dict):
+        return [key for name in sorted(set(saved) | set(wanted))
+                for key in config_differences(saved.get(name), wanted.get(name), f"{prefix}{name}.")]
+    return [] if saved == wanted else [prefix.rstrip(".")]
+
+
+def check_finished_run(directory: Path, config) -> None:
+    """Refuse to read back a finished run whose config.yaml is not the one asked for now (another
+    learning rate, step count, recipe...): its numbers would enter the table under the wrong setting."""
+    saved = yaml.safe_load((directory / "config.yaml").read_text()) if (directory / "config.yaml").is_file() else {}
+    differing = config_differences(saved, to_dict(config))
+    if differing:
+        shown = ", ".join(differing[:5]) + (f" and {len(differing) - 5} more" if len(differing) > 5 else "")
+        raise ConfigError(f"{directory} holds a finished run with a different config ({shown}); "
+                          f"give another --out, or delete that run directory to retrain it")
 
 
 def train_one(config) -> None:

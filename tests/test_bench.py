@@ -92,3 +92,19 @@ def test_benchmark_reruns_a_run_killed_part_way(tiny_overrides, tmp_path):
              if json.loads(line)["kind"] == "train"]
     assert steps == [1, 2]  # one run's lines, not two runs' mixed
     assert [row["method"] for row in results["rows"]] == ["grpo"]
+
+
+def test_benchmark_refuses_to_read_back_a_run_with_another_config(tiny_overrides, tmp_path):
+    """Resuming a benchmark with other settings must not put the old runs' numbers under the new
+    setting: the finished run's config.yaml is compared with the one asked for, key by key."""
+    from kdrl.bench import run_benchmark
+    from kdrl.config import ConfigError
+
+    overrides = [o for o in tiny_overrides if not o.startswith("log.run_dir")] + ["train.steps=1"]
+    run_benchmark(["grpo"], [0], tmp_path / "bench", overrides, {}, 0.5, "test", method_pairs=[])
+    with pytest.raises(ConfigError, match=r"grpo-seed0 holds a finished run with a different config "
+                                          r"\(train\.learning_rate\)"):
+        run_benchmark(["grpo"], [0], tmp_path / "bench", overrides, {"grpo": ["train.learning_rate=5e-5"]}, 0.5,
+                      "test", method_pairs=[])
+    again = run_benchmark(["grpo"], [0], tmp_path / "bench", overrides, {}, 0.5, "test", method_pairs=[])
+    assert [row["method"] for row in again["rows"]] == ["grpo"]  # the same config is read back
