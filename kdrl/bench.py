@@ -99,7 +99,8 @@ def check_finished_run(directory: Path, config) -> None:
     """Refuse to read back a finished run whose config.yaml is not the one asked for now (another
     learning rate, step count, recipe...): its numbers would enter the table under the wrong setting."""
     saved = yaml.safe_load((directory / "config.yaml").read_text()) if (directory / "config.yaml").is_file() else {}
-    differing = config_differences(saved, to_dict(config))
+    # where the run lives is not a setting of it: a results folder can be moved or copied
+    differing = [key for key in config_differences(saved, to_dict(config)) if key != "log.run_dir"]
     if differing:
         shown = ", ".join(differing[:5]) + (f" and {len(differing) - 5} more" if len(differing) > 5 else "")
         raise ConfigError(f"{directory} holds a finished run with a different config ({shown}); "

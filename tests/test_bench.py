@@ -108,3 +108,7 @@ def test_benchmark_refuses_to_read_back_a_run_with_another_config(tiny_overrides
                       "test", method_pairs=[])
     again = run_benchmark(["grpo"], [0], tmp_path / "bench", overrides, {}, 0.5, "test", method_pairs=[])
     assert [row["method"] for row in again["rows"]] == ["grpo"]  # the same config is read back
+    moved = tmp_path / "moved"
+    (tmp_path / "bench").rename(moved)  # a moved results folder is still read back
+    assert [row["method"] for row in run_benchmark(["grpo"], [0], moved, overrides, {}, 0.5, "test",
+                                                   method_pairs=[])["rows"]] == ["grpo"]
