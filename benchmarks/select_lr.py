@@ -1,0 +1,127 @@
+"""Pick each method's learning rate from ``kdrl bench`` runs at several rates, on problems the table never scores.
+
+The comparison gives every method the same tuning: the same grid of learning rates, scored the
+same way. The score is avg@k at temperature 1 of a seed's final checkpoint on a selection split:
+the bundled test_id rows after the first ``eval.num_problems`` (200), which every benchmark table
+leaves out, so the choice never sees a problem the table reports. The mean rollout reward over
+the last training steps is shown beside it (for sft it is the reward of the dataset's solutions,
+not the student's):
+
+    python benchmarks/select_lr.py 3e-4=benchmarks/results/sums_5seeds \
+        1e-4=benchmarks/results/sums_grpo_lr1e-4 1e-4=benchmarks/results/sums_lr1e-4_seed0 \
+        --seed 0 --last 40 --out benchmarks/results/sums_lr_select/table.md
+
+Each ``RATE=DIR`` names a benchmark output folder trained at that rate (a rate may be given for
+several folders); a method is scored at every rate where a run of that seed exists.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from kdrl.cli import main as kdrl_main
+from kdrl.data import load_problems
+from kdrl.logger import read_metrics
+
+SCORED_ROWS = 200  # the benchmark tables' eval.num_problems: test_id rows 0-199
+
+
+def selection_split(path: Path) -> None:
+    """test_id rows after the scored ones, as JSONL."""
+    rows = [{"id": p.id, "prompt": p.prompt, "answer": p.answer, "metadata": p.metadata}
+            for p in load_problems("bundled:test_id")[SCORED_ROWS:]]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def selection_accuracy(runs: dict[str, Path], samples: int, seed: int) -> dict[str, float]:
+    """avg@k at temperature 1 of each run's final checkpoint on the selection split (kdrl eval)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        split, out = Path(tmp) / "select.jsonl", Path(tmp) / "eval.json"
+        selection_split(split)
+        models = [arg for label, run in runs.items() for arg in ("--model", f"{label}={run / 'final'}")]
+        kdrl_main(["eval", *models, "--data", str(split), "--samples", str(samples), "--temperature", "1.0",
+                   "--seed", str(seed), "--out", str(out)])
+        results = json.loads(out.read_text())
+    return {label: results[label]["select"]["accuracy"] for label in runs}
+
+
+def tail_reward(run: Path, last: int) -> float:
+    rewards = [r["reward"] for r in read_metrics(run) if r.get("kind") == "train"]
+    if not rewards:
+        raise SystemExit(f"{run}: no training steps in metrics.jsonl")
+    return sum(rewards[-last:]) / len(rewards[-last:])
+
+
+def run_rate(run: Path) -> float:
+    return float(yaml.safe_load((run / "config.yaml").read_text())["train"]["learning_rate"])
+
+
+def collect(folders: list[tuple[str, Path]], seed: int) -> dict[str, dict[str, Path]]:
+    """{method: {rate: run directory}} for the finished runs of ``seed``; the rate label is checked
+    against each run's own config.yaml."""
+    runs: dict[str, dict[str, Path]] = {}
+    for rate, folder in folders:
+        for run in sorted((folder / "runs").glob(f"*-seed{seed}")):
+            if not (run / "summary.json").is_file():
+                continue
+            if run_rate(run) != float(rate):
+                raise SystemExit(f"{run} was trained at learning rate {run_rate(run):g}, not {rate}")
+            runs.setdefault(run.name.rsplit("-seed", 1)[0], {})[rate] = run
+    return runs
+
+
+def markdown(scores: dict[str, dict[str, dict[str, float]]], seed: int, last: int, samples: int,
+             command: str) -> str:
+    rates = sorted({rate for by_rate in scores.values() for rate in by_rate}, key=float)
+    lines = [f"| method | {' | '.join(f'selection avg@{samples} at lr {r}' for r in rates)} | "
+             f"{' | '.join(f'last-{last}-step reward at lr {r}' for r in rates)} | chosen |",
+             "|---|" + "---|" * (2 * len(rates) + 1)]
+    for method, by_rate in sorted(scores.items()):
+        best = max(by_rate, key=lambda r: by_rate[r]["selection"])
+        accuracy = [(f"**{by_rate[r]['selection']:.3f}**" if r == best else f"{by_rate[r]['selection']:.3f}")
+                    if r in by_rate else "-" for r in rates]
+        reward = [f"{by_rate[r]['reward']:.3f}" if r in by_rate else "-" for r in rates]
+        lines.append(f"| {method} | {' | '.join(accuracy)} | {' | '.join(reward)} | {best} |")
+    lines += ["", f"Seed {seed}'s final checkpoints; selection avg@{samples} at temperature 1 on bundled test_id "
+                  f"rows {SCORED_ROWS}-499, which no benchmark table scores (they score rows 0-{SCORED_ROWS - 1}); "
+                  f"the reward is the mean rollout reward of the last {last} training steps (for sft, the "
+                  f"dataset solutions' reward). Command: `{command}`"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("folders", nargs="+", metavar="RATE=DIR")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--last", type=int, default=40, help="training steps averaged at the end of each run")
+    ap.add_argument("--samples", type=int, default=4, help="samples per selection problem (avg@k)")
+    ap.add_argument("--out", help="write the table here (and the scores as JSON beside it)")
+    args = ap.parse_args(argv)
+    folders = []
+    for item in args.folders:
+        rate, _, folder = item.partition("=")
+        if not folder:
+            raise SystemExit(f"expected RATE=DIR, got {item!r}")
+        folders.append((rate, Path(folder)))
+    runs = collect(folders, args.seed)
+    labels = {f"{method}@{rate}": run for method, by_rate in runs.items() for rate, run in by_rate.items()}
+    accuracy = selection_accuracy(labels, args.samples, args.seed)
+    scores = {method: {rate: {"selection": accuracy[f"{method}@{rate}"], "reward": tail_reward(run, args.last)}
+                       for rate, run in by_rate.items()} for method, by_rate in runs.items()}
+    command = ("python benchmarks/select_lr.py " + " ".join(args.folders) +
+               f" --seed {args.seed} --last {args.last} --samples {args.samples}")
+    table = markdown(scores, args.seed, args.last, args.samples,
+                     command + (f" --out {args.out}" if args.out else ""))
+    print(table)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(table + "\n")
+        Path(args.out).with_suffix(".json").write_text(json.dumps(scores, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
