@@ -7,12 +7,12 @@ leaves out, so the choice never sees a problem the table reports. The mean rollo
 the last training steps is shown beside it (for sft it is the reward of the dataset's solutions,
 not the student's):
 
-    python benchmarks/select_lr.py 3e-4=benchmarks/results/sums_5seeds \
-        1e-4=benchmarks/results/sums_grpo_lr1e-4 1e-4=benchmarks/results/sums_lr1e-4_seed0 \
-        --seed 0 --last 40 --out benchmarks/results/sums_lr_select/table.md
+    python benchmarks/select_lr.py benchmarks/results/sums_5seeds benchmarks/results/sums_lr1e-4_seed0 \
+        benchmarks/results/sums_grpo_lr2e-4 benchmarks/results/sums_grpo_lr3e-4 --seed 0 \
+        --out benchmarks/results/sums_lr_select/table.md
 
-Each ``RATE=DIR`` names a benchmark output folder trained at that rate (a rate may be given for
-several folders); a method is scored at every rate where a run of that seed exists.
+Each DIR is a benchmark output folder; a run's learning rate is read from its config.yaml, and a
+method is scored at every rate where a finished run of that seed exists.
 """
 from __future__ import annotations
 
@@ -60,17 +60,19 @@ def run_rate(run: Path) -> float:
     return float(yaml.safe_load((run / "config.yaml").read_text())["train"]["learning_rate"])
 
 
-def collect(folders: list[tuple[str, Path]], seed: int) -> dict[str, dict[str, Path]]:
-    """{method: {rate: run directory}} for the finished runs of ``seed``; the rate label is checked
-    against each run's own config.yaml."""
+def collect(folders: list[Path], seed: int) -> dict[str, dict[str, Path]]:
+    """{method: {rate: run directory}} for the finished runs of ``seed``, the rate from each run's
+    own config.yaml."""
     runs: dict[str, dict[str, Path]] = {}
-    for rate, folder in folders:
+    for folder in folders:
         for run in sorted((folder / "runs").glob(f"*-seed{seed}")):
             if not (run / "summary.json").is_file():
                 continue
-            if run_rate(run) != float(rate):
-                raise SystemExit(f"{run} was trained at learning rate {run_rate(run):g}, not {rate}")
-            runs.setdefault(run.name.rsplit("-seed", 1)[0], {})[rate] = run
+            rate = f"{run_rate(run):.0e}".replace("e-0", "e-")  # 1e-4, 3e-4
+            method = run.name.rsplit("-seed", 1)[0]
+            if rate in runs.get(method, {}):
+                raise SystemExit(f"{method} at learning rate {rate}: two runs ({runs[method][rate]} and {run})")
+            runs.setdefault(method, {})[rate] = run
     return runs
 
 
@@ -95,24 +97,18 @@ def markdown(scores: dict[str, dict[str, dict[str, float]]], seed: int, last: in
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("folders", nargs="+", metavar="RATE=DIR")
+    ap.add_argument("folders", nargs="+", type=Path, metavar="DIR")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--last", type=int, default=40, help="training steps averaged at the end of each run")
     ap.add_argument("--samples", type=int, default=4, help="samples per selection problem (avg@k)")
     ap.add_argument("--out", help="write the table here (and the scores as JSON beside it)")
     args = ap.parse_args(argv)
-    folders = []
-    for item in args.folders:
-        rate, _, folder = item.partition("=")
-        if not folder:
-            raise SystemExit(f"expected RATE=DIR, got {item!r}")
-        folders.append((rate, Path(folder)))
-    runs = collect(folders, args.seed)
+    runs = collect(args.folders, args.seed)
     labels = {f"{method}@{rate}": run for method, by_rate in runs.items() for rate, run in by_rate.items()}
     accuracy = selection_accuracy(labels, args.samples, args.seed)
     scores = {method: {rate: {"selection": accuracy[f"{method}@{rate}"], "reward": tail_reward(run, args.last)}
                        for rate, run in by_rate.items()} for method, by_rate in runs.items()}
-    command = ("python benchmarks/select_lr.py " + " ".join(args.folders) +
+    command = ("python benchmarks/select_lr.py " + " ".join(map(str, args.folders)) +
                f" --seed {args.seed} --last {args.last} --samples {args.samples}")
     table = markdown(scores, args.seed, args.last, args.samples,
                      command + (f" --out {args.out}" if args.out else ""))
