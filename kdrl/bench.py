@@ -168,8 +168,10 @@ def markdown(results: dict) -> str:
         cells = ["initial student"] + [f"{start[k]:.3f}" if k in start else "" for k in metric_keys] + \
             [""] * len(step_keys) + [""]
         lines.append("| " + " | ".join(cells) + " |")
-    for row in rows:
-        cells = [row["method"]]
+    method_overrides = results.get("method_overrides") or {}
+    for row in rows:  # a method trained with its own overrides says so in its row
+        extra = method_overrides.get(row["method"], [])
+        cells = [row["method"] + (f" ({', '.join(extra)})" if extra else "")]
         for key in metric_keys:
             mean, std = row[key]
             cells.append(f"{mean:.3f} ± {std:.3f}" if not key.endswith("length") else f"{mean:.1f} ± {std:.1f}")

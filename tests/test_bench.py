@@ -112,3 +112,13 @@ def test_benchmark_refuses_to_read_back_a_run_with_another_config(tiny_overrides
     (tmp_path / "bench").rename(moved)  # a moved results folder is still read back
     assert [row["method"] for row in run_benchmark(["grpo"], [0], moved, overrides, {}, 0.5, "test",
                                                    method_pairs=[])["rows"]] == ["grpo"]
+
+
+def test_benchmark_table_names_a_methods_own_overrides(tiny_overrides, tmp_path):
+    from kdrl.bench import run_benchmark
+
+    overrides = [o for o in tiny_overrides if not o.startswith("log.run_dir")] + ["train.steps=1"]
+    run_benchmark(["grpo", "kd_rkl"], [0], tmp_path, overrides, {"grpo": ["train.learning_rate=5e-5"]}, 0.5, "test",
+                  method_pairs=[])
+    table = (tmp_path / "table.md").read_text()
+    assert "| grpo (train.learning_rate=5e-5) |" in table and "| kd_rkl |" in table
