@@ -195,3 +195,14 @@ def test_prepare_demo_rebuilds_one_role(toy_bundle, tmp_path):
         prepare_demo(str(tmp_path / "empty"), seed=0, scale="toy", roles=("student",), log=lambda s: None)
     with pytest.raises(ValueError, match="roles"):
         prepare_demo(str(copy), seed=0, scale="toy", roles=("critic",), log=lambda s: None)
+
+
+def test_prepare_demo_command_is_declared_once():
+    """``kdrl prepare-demo`` has exactly the options of ``python -m kdrl.demo`` (kdrl.demo.command)."""
+    from kdrl.cli import build_parser
+    from kdrl.demo import command
+
+    args = build_parser().parse_args(["prepare-demo", "--scale", "toy", "--roles", "student", "--threads", "1"])
+    assert args.func is command.run
+    assert (args.scale, args.roles, args.threads, args.seed) == ("toy", ["student"], 1, 0)
+    assert Path(args.out).resolve() == BUNDLE
