@@ -20,31 +20,18 @@ from pathlib import Path
 
 import torch
 
-from kdrl.batching import micro_batches
 from kdrl.build import build
 from kdrl.config import load_config
-from kdrl.rollout import SamplingParams
-from kdrl.rollout.rows import score_rewards
-from kdrl.trainer import make_batch, student_forward
+from kdrl.trainer import accumulate_gradients, collect_batch
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
 def batch_gradient(run) -> torch.Tensor:
-    """One rollout batch's loss gradient, flattened (the trainer's step without the optimizer)."""
-    config = run.config
-    sampling = SamplingParams(config.rollout.temperature, config.rollout.top_p, config.rollout.max_new_tokens)
-    problems = [run.train_problems[i] for i in run.prompt_order.next(config.rollout.prompts_per_step)]
-    rollouts = run.sampling_source.generate(problems, config.rollout.group_size, sampling, step=run.step)
-    rewards = score_rewards(run.reward_fn, rollouts)
-    reads = run.objective.inputs_at(run.step)
-    teacher_out = run.teacher_scorer.score(rollouts, need_hidden=bool(reads.teacher_hidden)) \
-        if reads.teacher_logprobs else None
-    batch = run.objective.prepare(make_batch(rollouts, rewards, teacher_out, None), run.step)
+    """One rollout batch's loss gradient, flattened: the trainer's step up to the optimizer."""
+    _, _, batch, _ = collect_batch(run, timings={})
     run.optimizer.zero_grad(set_to_none=True)
-    for micro in micro_batches(batch, torch.arange(batch.num_rows), config.train.micro_batch_size):
-        loss, _ = run.objective.loss(micro, student_forward(run, micro))
-        loss.backward()
+    accumulate_gradients(run, batch)
     return torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros(p.numel())
                       for p in run.student.parameters() if p.requires_grad])
 

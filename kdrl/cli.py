@@ -15,6 +15,7 @@ from typing import Optional
 from kdrl.checkpoint import CheckpointError, disk_full_message, is_disk_full
 from kdrl.config import ConfigError, load_config
 from kdrl.data import DataError
+from kdrl.demo import command as prepare_demo_command
 from kdrl.models import ModelError
 from kdrl.rewards import RewardError
 
@@ -123,14 +124,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_prepare_demo(args: argparse.Namespace) -> int:
-    from kdrl.demo import prepare_demo
-
-    prepare_demo(args.out, seed=args.seed, scale=args.scale, threads=args.threads, roles=tuple(args.roles),
-                 log=lambda line: print(line, flush=True))
-    return 0
-
-
 def cmd_bench(args: argparse.Namespace) -> int:
     import shlex
 
@@ -207,14 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", help="write JSON here (and a .md table beside it)")
     evaluate.set_defaults(func=cmd_eval)
 
-    demo = commands.add_parser("prepare-demo", help="rebuild the bundled task data and tiny teacher/student")
-    demo.add_argument("--out", default=str(Path(__file__).parent / "assets" / "demo"))
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--scale", choices=["full", "toy"], default="full")
-    demo.add_argument("--threads", type=int, default=2, help="torch CPU threads (1 on a busy machine)")
-    demo.add_argument("--roles", nargs="+", choices=["teacher", "student"], default=["teacher", "student"],
-                      help="models to (re)train; the others are kept from --out (same seed and scale)")
-    demo.set_defaults(func=cmd_prepare_demo)
+    demo = commands.add_parser("prepare-demo", help=prepare_demo_command.DESCRIPTION)
+    prepare_demo_command.add_arguments(demo)  # the options python -m kdrl.demo has
+    demo.set_defaults(func=prepare_demo_command.run)
 
     bench = commands.add_parser("bench", help="compare methods on one budget over several seeds")
     bench.add_argument("--methods", nargs="+", default=["sft", "grpo", "kd_rkl", "opd", "kdrl", "kdrl_anneal",

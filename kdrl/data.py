@@ -217,6 +217,11 @@ def prompt_ids(tokenizer: Any, text: str, max_tokens: int, add_special_tokens: b
     return (ids if len(ids) <= max_tokens else None), f"{len(ids)} tokens"
 
 
+def response_token_ids(tokenizer: Any, text: str) -> list[int]:
+    """The token ids a response ``text`` is trained or scored as: its tokens (nothing added) + EOS."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
 def format_prompt(problem: Problem, tokenizer: Any, chat_template: bool, prompt_template: str = "{prompt}",
                   system_prompt: Optional[str] = None, extra: str = "") -> str:
     """The exact text the model is conditioned on for ``problem``.

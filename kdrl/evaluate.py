@@ -42,13 +42,14 @@ def majority_answer(answers: list[Optional[str]]) -> Optional[str]:
 def evaluate_problems(engine: Any, problems: list[Problem], reward_fn: Callable[[Problem, str], float],
                       samples: int = 1, temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: int = 64,
                       correct_threshold: float = 1.0, batch_size: int = 256,
-                      details: Optional[list[dict]] = None) -> dict[str, float]:
+                      details: Optional[list[dict]] = None, detail_responses: bool = False) -> dict[str, float]:
     """One problem set: k samples per problem (k = 1 and temperature 0 is greedy accuracy).
 
     ``chain_correct`` (avg over samples and problems) is reported when the set's problems belong
     to a task with a process metric (kdrl.tasks.process_metric), over those problems. ``details``,
     if given, receives one record per problem: its id and, per sample, whether the answer (and
-    the chain) was right, so that two runs can be compared problem by problem (kdrl.bench).
+    the chain) was right, so that two runs can be compared problem by problem (kdrl.bench);
+    with ``detail_responses``, also the response texts (``"responses"``).
     """
     sampling = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
     per_problem_correct: list[list[bool]] = []
@@ -72,7 +73,8 @@ def evaluate_problems(engine: Any, problems: list[Problem], reward_fn: Callable[
                 per_problem_chain.append(chain)
             if details is not None:
                 details.append({"id": problem.id, "correct": [int(c) for c in correct],
-                                **({} if chain is None else {"chain_correct": [int(c) for c in chain]})})
+                                **({} if chain is None else {"chain_correct": [int(c) for c in chain]}),
+                                **({"responses": list(texts)} if detail_responses else {})})
             answers = [extract_last_boxed(text) for text in texts]
             majority = majority_answer(answers)
             # the majority answer is graded by the same verifier as a single response

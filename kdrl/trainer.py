@@ -94,16 +94,7 @@ def update(run: Run, batch: TrainBatch) -> dict[str, float]:
         # optimizer step has the step size of a full batch whatever its responses' lengths
         minibatch = run.objective.minibatch(batch, minibatch_rows) if len(minibatches) > 1 else batch
         run.optimizer.zero_grad(set_to_none=True)
-        metrics: dict[str, float] = {}
-        loss_finite = True
-        # rows of similar length together, each micro-batch cut to its longest response (kdrl.batching)
-        for micro in micro_batches(minibatch, torch.arange(minibatch.num_rows), train.micro_batch_size):
-            micro = micro.to(run.device)
-            loss, micro_metrics = run.objective.loss(micro, student_forward(run, micro), off_policy=update_index > 0)
-            loss_finite = loss_finite and math.isfinite(float(loss.detach()))
-            loss.backward()
-            for key, value in micro_metrics.items():  # each a share of the global minibatch's weighted mean
-                metrics[key] = SumOverRanks(metrics.get(key, 0.0) + float(value))
+        metrics, loss_finite = accumulate_gradients(run, minibatch, off_policy=update_index > 0)
         trainable = [p for p in run.student.parameters() if p.requires_grad]
         grad_norm = grad_norm_value(torch.nn.utils.clip_grad_norm_(trainable, train.max_grad_norm))
         metrics["grad_norm"] = grad_norm
@@ -127,6 +118,23 @@ def update(run: Run, batch: TrainBatch) -> dict[str, float]:
     return totals
 
 
+def accumulate_gradients(run: Run, batch: TrainBatch, off_policy: bool = False) -> tuple[dict[str, float], bool]:
+    """The batch's loss gradient added into the student's ``.grad``, one micro-batch at a time; returns
+    the summed metrics (each micro-batch's share of the batch's weighted mean) and whether every
+    micro-batch's loss was finite."""
+    metrics: dict[str, float] = {}
+    loss_finite = True
+    # rows of similar length together, each micro-batch cut to its longest response (kdrl.batching)
+    for micro in micro_batches(batch, torch.arange(batch.num_rows), run.config.train.micro_batch_size):
+        micro = micro.to(run.device)
+        loss, micro_metrics = run.objective.loss(micro, student_forward(run, micro), off_policy=off_policy)
+        loss_finite = loss_finite and math.isfinite(float(loss.detach()))
+        loss.backward()
+        for key, value in micro_metrics.items():
+            metrics[key] = SumOverRanks(metrics.get(key, 0.0) + float(value))
+    return metrics, loss_finite
+
+
 def nonfinite_term(metrics: dict[str, Any]) -> str:
     for term in ("pg_loss", "kd_loss", "ref_kl", "nll", "entropy", "loss"):
         value = metrics.get(term)
@@ -136,7 +144,25 @@ def nonfinite_term(metrics: dict[str, Any]) -> str:
 
 
 def training_step(run: Run) -> dict[str, Any]:
-    config, timings = run.config, {}
+    timings: dict[str, float] = {}
+    rollouts, rewards, batch, rescue_metrics = collect_batch(run, timings)
+    with timed(timings, "train"):
+        update_metrics = update(run, batch)
+        if run.teacher_scorer is not None:
+            run.teacher_scorer.after_update()  # an EMA self-teacher follows the student
+    run.step += 1
+    tokens_per_second = SumOverRanks(float(rollouts.response_mask.sum()) / max(1e-9, sum(timings.values())))
+    metrics = {**step_metrics(run, rollouts, rewards, batch), **rescue_metrics, **update_metrics, **timings,
+               "tokens_per_second": tokens_per_second}  # this rank's tokens over its own time: summed
+    reduced = {key: value for key, value in reduce_metrics(metrics, run.dist).items()
+               if key not in REWARD_COUNTS or value}  # a count shows in the step's line when it is not 0
+    return {**reduced, "_rollouts": rollouts, "_rewards": rewards}
+
+
+def collect_batch(run: Run, timings: dict[str, float]) -> tuple[Rollouts, torch.Tensor, TrainBatch, dict[str, Any]]:
+    """This step's batch, before any update: sample, reward, rescue all-failed groups, teach, prepare.
+    Returns the rollouts, their rewards, the prepared batch and the rescue and reward-count metrics."""
+    config = run.config
     sampling = SamplingParams(config.rollout.temperature, config.rollout.top_p, config.rollout.max_new_tokens)
     order = run.prompt_order.next(config.rollout.prompts_per_step)  # the global batch; this rank's share:
     problems = [run.train_problems[i] for i in order[run.dist.share(len(order))]]
@@ -154,17 +180,7 @@ def training_step(run: Run) -> dict[str, Any]:
             if reads.teacher_logprobs else None
         reference_out = run.reference_scorer.score(rollouts) if reads.reference_logprobs else None
     batch = run.objective.prepare(make_batch(rollouts, rewards, teacher_out, reference_out), run.step)
-    with timed(timings, "train"):
-        update_metrics = update(run, batch)
-        if run.teacher_scorer is not None:
-            run.teacher_scorer.after_update()  # an EMA self-teacher follows the student
-    run.step += 1
-    tokens_per_second = SumOverRanks(float(rollouts.response_mask.sum()) / max(1e-9, sum(timings.values())))
-    metrics = {**step_metrics(run, rollouts, rewards, batch), **rescue_metrics, **update_metrics, **timings,
-               "tokens_per_second": tokens_per_second}  # this rank's tokens over its own time: summed
-    reduced = {key: value for key, value in reduce_metrics(metrics, run.dist).items()
-               if key not in REWARD_COUNTS or value}  # a count shows in the step's line when it is not 0
-    return {**reduced, "_rollouts": rollouts, "_rewards": rewards}
+    return rollouts, rewards, batch, rescue_metrics
 
 
 REWARD_COUNTS = ("reward_timeouts", "reward_errors")

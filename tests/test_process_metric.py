@@ -93,6 +93,11 @@ def test_evaluation_reports_chain_correct_and_per_problem_records():
     assert metrics["chain_correct"] == pytest.approx(0.5)  # (1/2 + 1/2) / 2
     assert details == [{"id": P.id, "correct": [1, 1], "chain_correct": [1, 0]},
                        {"id": q.id, "correct": [1, 0], "chain_correct": [1, 0]}]
+    with_texts: list[dict] = []
+    evaluate_problems(engine, [P, q], boxed_reward, samples=2, temperature=1.0, details=with_texts,
+                      detail_responses=True)
+    assert [d.pop("responses") for d in with_texts] == [engine.responses[P.id], engine.responses[q.id]]
+    assert with_texts == details
     untagged = chain_problem("2*3=?\n", "6", task=None)
     assert "chain_correct" not in evaluate_problems(engine, [untagged], boxed_reward, samples=2, temperature=1.0)
 

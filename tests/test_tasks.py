@@ -173,6 +173,7 @@ def test_sums_every_reference_solution_verifies_and_corruptions_fail(sum_problem
             wrong = str(int(p["answer"]) + 1)
             body = p["solution"].rsplit("\\boxed", 1)[0]
             assert not sums.is_correct(p, body + f"\\boxed{{{wrong}}}")
+            assert sums.is_correct(problem, p["solution"]) and not sums.is_correct(problem, body + f"\\boxed{{{wrong}}}")
             assert math_reward(problem, body + f"\\boxed{{{wrong}}}") == 0.0
             assert not sums.chain_correct(problem, body + f"\\boxed{{{wrong}}}")
             # one wrong intermediate total, the right final answer: outcome reward yes, chain no

@@ -28,7 +28,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from kdrl.config import Config
-from kdrl.data import DataError, read_jsonl, resolve_data_path
+from kdrl.data import DataError, read_jsonl, resolve_data_path, response_token_ids
 from kdrl.rollout import SamplingParams
 from kdrl.rollout.rows import Row, pack, score_rewards, unpack
 from kdrl.types import Problem, Rollouts
@@ -136,7 +136,7 @@ class TeacherSolutionReplacer:
             texts = ([problem.solution] if self.from_data and problem.solution else []) + self.pools.get(problem.id, [])
             kept = []
             for text in texts:
-                ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+                ids = response_token_ids(self.tokenizer, text)
                 reward = float(self.reward_fn(problem, text))
                 if reward >= self.correct_threshold and len(ids) <= self.max_new_tokens:
                     kept.append((text, ids, reward))

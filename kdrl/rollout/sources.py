@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from kdrl.data import response_token_ids
 from kdrl.rollout import SamplingParams
 from kdrl.rollout.rows import left_pad
 from kdrl.types import Problem, Rollouts
@@ -84,12 +85,12 @@ class DatasetResponses:
     def generate(self, problems: list[Problem], n: int, sampling: SamplingParams, step: int = 0,
                  prompt_suffixes: Optional[list[str]] = None) -> Rollouts:
         suffixes = prompt_suffixes or [""] * len(problems)
-        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        pad = self.tokenizer.pad_token_id
         prompts, responses, truncated = [], [], []
         for problem, suffix in zip(problems, suffixes):
             if not problem.solution:
                 raise ValueError(f"problem '{problem.id}' has no solution to train on (rollout.policy)")
-            ids = self.tokenizer(problem.solution, add_special_tokens=False)["input_ids"] + [eos]
+            ids = response_token_ids(self.tokenizer, problem.solution)
             truncated.append(len(ids) > sampling.max_new_tokens)
             responses.append(ids[:sampling.max_new_tokens])
             prompts.append(self.encode(problem, suffix))

@@ -107,10 +107,12 @@ def solve(prompt: str) -> tuple[str, str]:
     return " ".join([f"{a}{op}{b}={c}" for a, op, b, c in steps] + [f"\\boxed{{{answer}}}"]), answer
 
 
-def is_correct(problem: dict, response: str) -> bool:
-    """True when the last boxed answer of ``response`` equals ``problem["answer"]``."""
+def is_correct(problem, response: str) -> bool:
+    """True when the last boxed answer of ``response`` equals the answer of a kdrl ``Problem``
+    (or of a problem dict)."""
+    answer = problem["answer"] if isinstance(problem, dict) else problem.answer
     got = extract_boxed(response)
-    return got is not None and got.strip() == str(problem["answer"]).strip()
+    return got is not None and got.strip() == str(answer).strip()
 
 
 def chain_correct(problem, response: str) -> bool:

@@ -1,0 +1,5 @@
+import sys
+
+from kdrl.demo.command import main
+
+sys.exit(main())
