@@ -60,6 +60,12 @@ def run_rate(run: Path) -> float:
     return float(yaml.safe_load((run / "config.yaml").read_text())["train"]["learning_rate"])
 
 
+def rate_label(rate: float) -> str:
+    """1e-4, 1.5e-4, 3e-4: the mantissa without trailing zeros."""
+    mantissa, exponent = f"{rate:e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
 def collect(folders: list[Path], seed: int) -> dict[str, dict[str, Path]]:
     """{method: {rate: run directory}} for the finished runs of ``seed``, the rate from each run's
     own config.yaml."""
@@ -68,7 +74,7 @@ def collect(folders: list[Path], seed: int) -> dict[str, dict[str, Path]]:
         for run in sorted((folder / "runs").glob(f"*-seed{seed}")):
             if not (run / "summary.json").is_file():
                 continue
-            rate = f"{run_rate(run):.0e}".replace("e-0", "e-")  # 1e-4, 3e-4
+            rate = rate_label(run_rate(run))
             method = run.name.rsplit("-seed", 1)[0]
             if rate in runs.get(method, {}):
                 raise SystemExit(f"{method} at learning rate {rate}: two runs ({runs[method][rate]} and {run})")
