@@ -4,7 +4,7 @@
 compares runs of two benchmarks, e.g. each method at its own best learning rate:
 
     python benchmarks/paired_across.py benchmarks/results/sums_5seeds:kdrl \
-        benchmarks/results/sums_grpo_lr1e-4:grpo --seeds 5
+        benchmarks/results/sums_grpo_lr3e-4:grpo --seeds 5
 
 Same statistic as ``kdrl bench``: per seed and problem, A's mean score minus B's, percentile
 bootstrap over seeds and problems (kdrl.evaluate.paired_bootstrap).
