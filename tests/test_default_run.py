@@ -35,6 +35,7 @@ def test_grpo_learns_an_easy_reward_on_the_bundled_student(tmp_path):
     rollout reward must climb by 0.2 within 20 steps."""
     config = load_config("recipes/grpo.yaml", [
         "reward.functions=[kdrl_test_rewards:even_answer]", "train.steps=20", "eval.before=false", "data.eval=[]",
+        "train.learning_rate=1e-3", "rollout.prompts_per_step=8",  # its own setting, not the defaults
         "log.progress=false", "log.plot=false", "checkpoint.save_final=false", f"log.run_dir={tmp_path / 'run'}",
     ])
     train(config)
