@@ -18,6 +18,7 @@ from kdrl.cpu_threads import decode_threads
 from kdrl.distributed import gathered_for_generation
 from kdrl.models import position_ids_from_mask, unwrap
 from kdrl.rollout import SamplingParams
+from kdrl.rollout.kv_cache import preallocated_cache
 from kdrl.rollout.rows import left_pad
 from kdrl.types import Problem, Rollouts
 
@@ -182,8 +183,6 @@ def prefill(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, n: in
 
     ``capacity``: the positions the cache will hold (prompt + new tokens); given, the cache is
     preallocated for them (``kdrl.rollout.kv_cache``) instead of copied on every token."""
-    from kdrl.rollout.kv_cache import preallocated_cache  # transformers, imported only to generate
-
     cache = preallocated_cache(model, capacity) if capacity else None
     if ids.shape[1] < 2:
         return cache
