@@ -360,15 +360,15 @@ def profile(config: str, top: int, steps: int = 3) -> None:
     print(averages.table(sort_by="self_cpu_time_total", row_limit=top))
 
 
-def profile_trl(config: str) -> None:
-    """TRL's step at one thread split by plain timing into generate, teacher and student decoder
+def profile_trl(config: str, threads: int = 1) -> None:
+    """TRL's step at ``threads`` threads split by plain timing into generate, teacher and student decoder
     forwards outside generate, and backward (patched in this process only), for a side-by-side view
     with ``profile``'s phases of kdrl."""
     import torch
     from transformers import Qwen2Model, TrainerCallback, trainer as hf_trainer
     from transformers.generation.utils import GenerationMixin
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     spec = CONFIGS[config]
     totals: dict[str, float] = {}
     state = {"generating": False, "steps": 0}
@@ -417,7 +417,7 @@ def profile_trl(config: str) -> None:
     measured = len(ends) - spec["warmup"]
     per_step = (ends[-1] - ends[spec["warmup"] - 1]) / measured
     named = {key: round(value / measured, 3) for key, value in totals.items()}
-    print(f"{config}: TRL 1 thread, {per_step:.3f} s/step (mean of {measured} after {spec['warmup']} warm-up): "
+    print(f"{config}: TRL {threads} thread(s), {per_step:.3f} s/step (mean of {measured} after {spec['warmup']} warm-up): "
           f"{named}, the rest {per_step - sum(named.values()):.3f} s (rewards, log-softmax, optimizer, ...)")
 
 
@@ -434,6 +434,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--note", default="", help="a line for results.md (e.g. whether the machine was shared)")
     parser.add_argument("--profile", metavar="CONFIG", help="profile kdrl's steps on CONFIG instead of comparing")
     parser.add_argument("--profile-trl", metavar="CONFIG", help="time TRL's phases on CONFIG instead of comparing")
+    parser.add_argument("--profile-threads", type=int, default=1, help="torch threads for --profile-trl")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     parser.add_argument("--system", help=argparse.SUPPRESS)
@@ -445,7 +446,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.profile:
         return profile(args.profile, 30)
     if args.profile_trl:
-        return profile_trl(args.profile_trl)
+        return profile_trl(args.profile_trl, args.profile_threads)
     import torch
     import transformers
     import trl
