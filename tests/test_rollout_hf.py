@@ -119,7 +119,7 @@ def test_rows_leave_the_forward_batch_as_they_end(run, monkeypatch):
 def test_the_preallocated_kv_cache_changes_no_token(run, temperature, top_p, monkeypatch):
     """Decoding with the preallocated cache gives bitwise the tokens, log-probs and entropies of
     transformers' own DynamicCache (the forward makes one when given none)."""
-    from kdrl.rollout import kv_cache
+    from kdrl.rollout import hf, kv_cache
 
     made, real = [], kv_cache.preallocated_cache
 
@@ -129,7 +129,7 @@ def test_the_preallocated_kv_cache_changes_no_token(run, temperature, top_p, mon
 
     outputs = []
     for make in (recorded, lambda model, capacity: None):
-        monkeypatch.setattr(kv_cache, "preallocated_cache", make)
+        monkeypatch.setattr(hf, "preallocated_cache", make)  # where the decoding loop looks it up
         torch.manual_seed(4)
         outputs.append(run.student_engine.generate(run.train_problems[:4], 4, SamplingParams(temperature, top_p, 40)))
     ours, theirs = outputs
