@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -246,7 +246,7 @@ def summarize(values: list[float]) -> dict:
     return {"min": min(values), "median": statistics.median(values), "max": max(values), "runs": values}
 
 
-def compare(configs: list[str], rounds: int, systems: list[str], root: Path, default_thread_rounds: int,
+def compare(configs: list[str], rounds: Optional[int], systems: list[str], root: Path, default_thread_rounds: int,
             done: Callable[[dict], None] = lambda results: None, default_thread_steps: int = 2) -> dict:
     """``default_thread_rounds``: TRL with torch's default threads runs in the first rounds only, on
     ``default_thread_steps`` measured steps (0: as many as the others; on a shared machine its steps
@@ -255,7 +255,7 @@ def compare(configs: list[str], rounds: int, systems: list[str], root: Path, def
     for config in configs:
         paths = build_assets(root, config)
         runs: dict[str, list[dict]] = {system: [] for system in systems}
-        for round_index in range(min(rounds, CONFIGS[config].get("rounds", rounds))):
+        for round_index in range(rounds or CONFIGS[config].get("rounds", 3)):
             order = systems if round_index % 2 == 0 else list(reversed(systems))  # alternate who goes first
             for system in order:
                 if system == "trl" and round_index >= default_thread_rounds:
@@ -424,7 +424,8 @@ def profile_trl(config: str, threads: int = 1) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, from {', '.join(CONFIGS)}")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="alternated rounds (default: each configuration's own, 3 or 2 for grpo_large)")
     parser.add_argument("--systems", default="trl,trl-1thread,kdrl")
     parser.add_argument("--default-thread-rounds", type=int, default=1,
                         help="rounds in which TRL also runs with torch's default thread count")
