@@ -16,8 +16,6 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
-
 from kdrl.config import ConfigError, load_config, to_dict
 from kdrl.evaluate import EVAL_PROBLEMS_FILE, paired_bootstrap
 from kdrl.logger import read_metrics
@@ -98,9 +96,13 @@ def config_differences(saved: Any, wanted: Any, prefix: str = "") -> list[str]:
 def check_finished_run(directory: Path, config) -> None:
     """Refuse to read back a finished run whose config.yaml is not the one asked for now (another
     learning rate, step count, recipe...): its numbers would enter the table under the wrong setting."""
-    saved = yaml.safe_load((directory / "config.yaml").read_text()) if (directory / "config.yaml").is_file() else {}
-    # where the run lives is not a setting of it: a results folder can be moved or copied
-    differing = [key for key in config_differences(saved, to_dict(config)) if key != "log.run_dir"]
+    saved = directory / "config.yaml"
+    if not saved.is_file():
+        raise ConfigError(f"{directory} holds a finished run without its config.yaml; delete that run directory "
+                          f"to retrain it")
+    # read as --resume reads it; where the run lives is not a setting of it (a results folder can move)
+    differing = [key for key in config_differences(to_dict(load_config(saved)), to_dict(config))
+                 if key != "log.run_dir"]
     if differing:
         shown = ", ".join(differing[:5]) + (f" and {len(differing) - 5} more" if len(differing) > 5 else "")
         raise ConfigError(f"{directory} holds a finished run with a different config ({shown}); "
