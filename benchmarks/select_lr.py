@@ -21,27 +21,23 @@ import json
 import tempfile
 from pathlib import Path
 
-import yaml
-
 from kdrl.cli import main as kdrl_main
-from kdrl.data import load_problems
+from kdrl.config import Config, load_config
+from kdrl.data import resolve_data_path
 from kdrl.logger import read_metrics
 
-SCORED_ROWS = 200  # the benchmark tables' eval.num_problems: test_id rows 0-199
+
+def selection_split(path: Path, scored_rows: int) -> None:
+    """The bundled test_id rows after the first ``scored_rows`` (the ones a table scores), as they are."""
+    rows = resolve_data_path("bundled:test_id").read_text().splitlines(keepends=True)
+    path.write_text("".join(rows[scored_rows:]))
 
 
-def selection_split(path: Path) -> None:
-    """test_id rows after the scored ones, as JSONL."""
-    rows = [{"id": p.id, "prompt": p.prompt, "answer": p.answer, "metadata": p.metadata}
-            for p in load_problems("bundled:test_id")[SCORED_ROWS:]]
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-
-
-def selection_accuracy(runs: dict[str, Path], samples: int, seed: int) -> dict[str, float]:
+def selection_accuracy(runs: dict[str, Path], scored_rows: int, samples: int, seed: int) -> dict[str, float]:
     """avg@k at temperature 1 of each run's final checkpoint on the selection split (kdrl eval)."""
     with tempfile.TemporaryDirectory() as tmp:
         split, out = Path(tmp) / "select.jsonl", Path(tmp) / "eval.json"
-        selection_split(split)
+        selection_split(split, scored_rows)
         models = [arg for label, run in runs.items() for arg in ("--model", f"{label}={run / 'final'}")]
         kdrl_main(["eval", *models, "--data", str(split), "--samples", str(samples), "--temperature", "1.0",
                    "--seed", str(seed), "--out", str(out)])
@@ -56,33 +52,32 @@ def tail_reward(run: Path, last: int) -> float:
     return sum(rewards[-last:]) / len(rewards[-last:])
 
 
-def run_rate(run: Path) -> float:
-    return float(yaml.safe_load((run / "config.yaml").read_text())["train"]["learning_rate"])
-
-
 def rate_label(rate: float) -> str:
     """1e-4, 1.5e-4, 3e-4: the mantissa without trailing zeros."""
     mantissa, exponent = f"{rate:e}".split("e")
     return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 
 
-def collect(folders: list[Path], seed: int) -> dict[str, dict[str, Path]]:
+def collect(folders: list[Path], seed: int) -> tuple[dict[str, dict[str, Path]], int]:
     """{method: {rate: run directory}} for the finished runs of ``seed``, the rate from each run's
-    own config.yaml."""
+    own config.yaml, and the most test_id rows any of them scored (eval.num_problems)."""
     runs: dict[str, dict[str, Path]] = {}
+    scored_rows = 0
     for folder in folders:
         for run in sorted((folder / "runs").glob(f"*-seed{seed}")):
             if not (run / "summary.json").is_file():
                 continue
-            rate = rate_label(run_rate(run))
+            config: Config = load_config(run / "config.yaml")
+            scored_rows = max(scored_rows, config.eval.num_problems)
+            rate = rate_label(config.train.learning_rate)
             method = run.name.rsplit("-seed", 1)[0]
             if rate in runs.get(method, {}):
                 raise SystemExit(f"{method} at learning rate {rate}: two runs ({runs[method][rate]} and {run})")
             runs.setdefault(method, {})[rate] = run
-    return runs
+    return runs, scored_rows
 
 
-def markdown(scores: dict[str, dict[str, dict[str, float]]], seed: int, last: int, samples: int,
+def markdown(scores: dict[str, dict[str, dict[str, float]]], seed: int, last: int, samples: int, scored_rows: int,
              command: str) -> str:
     rates = sorted({rate for by_rate in scores.values() for rate in by_rate}, key=float)
     lines = [f"| method | {' | '.join(f'selection avg@{samples} at lr {r}' for r in rates)} | "
@@ -95,7 +90,7 @@ def markdown(scores: dict[str, dict[str, dict[str, float]]], seed: int, last: in
         reward = [f"{by_rate[r]['reward']:.3f}" if r in by_rate else "-" for r in rates]
         lines.append(f"| {method} | {' | '.join(accuracy)} | {' | '.join(reward)} | {best} |")
     lines += ["", f"Seed {seed}'s final checkpoints; selection avg@{samples} at temperature 1 on bundled test_id "
-                  f"rows {SCORED_ROWS}-499, which no benchmark table scores (they score rows 0-{SCORED_ROWS - 1}); "
+                  f"rows from {scored_rows} on, which no benchmark table scores (they score rows 0-{scored_rows - 1}); "
                   f"the reward is the mean rollout reward of the last {last} training steps (for sft, the "
                   f"dataset solutions' reward). Command: `{command}`"]
     return "\n".join(lines)
@@ -109,14 +104,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--samples", type=int, default=4, help="samples per selection problem (avg@k)")
     ap.add_argument("--out", help="write the table here (and the scores as JSON beside it)")
     args = ap.parse_args(argv)
-    runs = collect(args.folders, args.seed)
+    runs, scored_rows = collect(args.folders, args.seed)
     labels = {f"{method}@{rate}": run for method, by_rate in runs.items() for rate, run in by_rate.items()}
-    accuracy = selection_accuracy(labels, args.samples, args.seed)
+    accuracy = selection_accuracy(labels, scored_rows, args.samples, args.seed)
     scores = {method: {rate: {"selection": accuracy[f"{method}@{rate}"], "reward": tail_reward(run, args.last)}
                        for rate, run in by_rate.items()} for method, by_rate in runs.items()}
     command = ("python benchmarks/select_lr.py " + " ".join(map(str, args.folders)) +
                f" --seed {args.seed} --last {args.last} --samples {args.samples}")
-    table = markdown(scores, args.seed, args.last, args.samples,
+    table = markdown(scores, args.seed, args.last, args.samples, scored_rows,
                      command + (f" --out {args.out}" if args.out else ""))
     print(table)
     if args.out:
